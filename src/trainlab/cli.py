@@ -1,0 +1,175 @@
+"""trainlab's command line: list · run · runs · config.
+
+Exit codes: 0 finished (or nothing left to do); 1 stopped by a health policy or a training failure;
+2 invalid input (one line on stderr, nothing written); 130 after SIGINT, 143 after SIGTERM, each
+once the checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from trainlab.errors import EXIT_STOPPED, EXIT_USAGE, Interrupted, TrainingStopped, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage and exits 2 itself; we want our one-line message instead."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="experiment name (trainlab list) or a YAML config file")
+    p.add_argument("--preset", help="preset of the experiment (default: the experiment's default)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trainlab", description="Train small experimental networks and know, with "
+                     "measured evidence, whether a run is healthy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("list", help="experiments and their presets")
+
+    run = sub.add_parser("run", help="train (resumes automatically from the run directory)")
+    _add_target_options(run)
+    run.add_argument("--run-dir", help="run directory (default: runs/<experiment>-<preset>)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    run.add_argument("--fresh", action="store_true",
+                     help="start from step 0; an existing run directory is moved aside, never deleted")
+
+    runs = sub.add_parser("runs", help="the runs under a root with their status")
+    runs.add_argument("root", nargs="?", default="runs")
+
+    show = sub.add_parser("config", help="print the resolved config of a target as YAML")
+    _add_target_options(show)
+    return parser
+
+
+def cmd_list(args) -> int:
+    from trainlab.experiment import registry
+
+    for exp in registry().values():
+        print(f"{exp.name}: {exp.description}")
+        for name, preset in exp.presets.items():
+            mark = " (default)" if name == exp.default_preset else ""
+            print(f"  {exp.name} --preset {name}{mark}: {preset.description}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from trainlab.config import dump_yaml
+    from trainlab.launch import load_target
+
+    _, cfg = load_target(args.target, args.preset, args.sets, args.steps)
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+def _fmt_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _summary(row: dict, keys: tuple[str, ...]) -> str:
+    parts = []
+    for k in keys:
+        v = row.get(k)
+        if isinstance(v, (int, float)):
+            parts.append(f"{k} {v:.4g}")
+    return ", ".join(parts)
+
+
+def cmd_run(args) -> int:
+    from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
+
+    experiment, cfg = load_target(args.target, args.preset, args.sets, args.steps)
+    device = resolve_device(args.device)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    launch = Launch(experiment, cfg, run_dir, device)
+    launch.prepare(args.fresh)
+    if launch.already_done_at is not None:
+        print(f"trainlab: {run_dir} already finished at step {launch.already_done_at} "
+              f"(train.steps={cfg.train.steps}); pass --steps N with a larger N to extend it, "
+              "or --fresh to start over")
+        return 0
+    for note in launch.notes:
+        print(f"trainlab: {note}", file=sys.stderr)
+    keys = ("loss",) + experiment.train_metrics + experiment.eval_metrics
+    try:
+        result = launch.run()
+    except TrainingStopped as exc:
+        print(f"trainlab: stopped: {exc} ({run_dir})", file=sys.stderr)
+        return EXIT_STOPPED
+    except Interrupted as exc:
+        print(f"trainlab: {exc.signal_name}: checkpoint saved; rerun the same command to resume ({run_dir})",
+              file=sys.stderr)
+        return exc.exit_code
+    except UsageError:
+        raise
+    except Exception as exc:  # a training failure: the traceback goes to the run directory
+        log = run_dir / "error.log"
+        try:
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+        except OSError:
+            log = None
+        where = f"; traceback in {log}" if log else ""
+        print(f"trainlab: training failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}{where}",
+              file=sys.stderr)
+        return EXIT_STOPPED
+    print(f"trainlab: finished {run_dir.name} at step {result.step}/{result.total_steps}: "
+          f"{_summary(result.last_row, keys)} in {_fmt_duration(result.elapsed_s)} -> {run_dir}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from trainlab.engine.rundir import find_runs, summarize
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UsageError(f"runs root {root}: not a directory")
+    summaries = [summarize(p) for p in find_runs(root)]
+    if not summaries:
+        print(f"no runs under {root}")
+        return 0
+    header = ("run", "status", "step", "loss", "updated")
+    rows = []
+    now = time.time()
+    for s in summaries:
+        step = "-" if s.step is None else (f"{s.step}/{s.total}" if s.total else str(s.step))
+        loss = "-" if s.loss is None else f"{s.loss:.4g}"
+        updated = "-" if s.updated is None else f"{_fmt_duration(now - s.updated)} ago"
+        name = str(s.path.relative_to(root)) if s.path != root else str(s.path)
+        status = s.state + (f" ({s.reason})" if s.reason and s.state in ("stopped", "crashed") else "")
+        rows.append((name, status, step, loss, updated))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "runs": cmd_runs, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"trainlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("trainlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

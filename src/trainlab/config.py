@@ -1,0 +1,576 @@
+"""The typed config tree: dataclasses with a help text and bounds on every field, YAML in and out,
+`--set a.b=value` overrides converted by the field's type, and strict validation.
+
+Why not pydantic: we need one-line messages naming the dotted key, a "did you mean" for unknown
+keys, PyYAML's quirks fixed ("1e-3" loads as a string), and sections whose type depends on the
+experiment (model.*, data.*).  That is ~250 lines here against a heavy dependency whose messages
+we would have to rewrite anyway.
+
+Resolution order (later wins): the dataclass defaults < the experiment's preset < a YAML file <
+`--set` overrides < `--steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from trainlab.errors import ConfigError, UsageError
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
+         ge: float | None = None, gt: float | None = None, le: float | None = None,
+         lt: float | None = None) -> Any:
+    """A config field with its help text and numeric bounds (checked for scalars and list items)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# The sections every experiment shares
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    steps: int = knob(1000, "optimizer steps in the whole run", ge=1)
+    micro_batch: int = knob(32, "samples per forward/backward pass", ge=1)
+    accum: int = knob(1, "micro-batches per optimizer step (effective batch = micro_batch x accum)", ge=1)
+    clip: float = knob(1.0, "global gradient-norm clip; 0 disables clipping (the norm is still logged)", ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = knob(
+        "auto", "auto = fp32 on CPU/MPS, bf16 on CUDA with bf16 support, else fp16 (with GradScaler)")
+    seed: int = knob(0, "seed of weights, data and every RNG; data at step s is a pure function of (seed, s)", ge=0)
+    deterministic: bool = knob(True, "deterministic algorithms (bitwise-exact resume on CPU)")
+    nonfinite: Literal["stop", "warn"] = knob(
+        "stop", "a non-finite loss or gradient norm at a log step: stop (exit 1) or warn and go on")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lion"] = knob("adamw", "optimizer")
+    lr: float = knob(1e-3, "peak learning rate", gt=0)
+    weight_decay: float = knob(0.0, "decoupled weight decay", ge=0)
+    betas: tuple[float, float] = knob((0.9, 0.999), "momentum coefficients (beta1, beta2)", ge=0, lt=1)
+    eps: float = knob(1e-8, "AdamW denominator epsilon", gt=0)
+    momentum_dtype: Literal["fp32", "bf16"] = knob(
+        "fp32", "dtype of Lion's momentum buffer (bf16 halves optimizer memory, as seed 002 does)")
+
+    def check(self, prefix: str) -> None:
+        """Cross-field rules, after every field passed its own."""
+        if self.momentum_dtype == "bf16" and self.name != "lion":
+            raise ConfigError(f"{prefix}.momentum_dtype", "bf16 is supported with optim.name=lion only")
+
+
+@dataclass
+class LRPhase:
+    kind: Literal["linear", "cosine", "constant"] = knob("constant", "shape of the LR within the phase")
+    steps: int = knob(0, "length in optimizer steps; 0 = until the end of training (last phase only)", ge=0)
+    start: float = knob(1.0, "LR multiplier (of optim.lr) at the start of the phase", ge=0)
+    end: float = knob(1.0, "LR multiplier at the end of the phase (ignored by constant)", ge=0)
+
+
+@dataclass
+class ScheduleConfig:
+    warmup: int = knob(0, "linear warmup steps from 0 to optim.lr (when phases is empty)", ge=0)
+    decay: Literal["cosine", "linear", "constant"] = knob("cosine", "decay after warmup (when phases is empty)")
+    min_lr_ratio: float = knob(0.1, "final LR as a fraction of optim.lr for cosine/linear decay", ge=0, le=1)
+    phases: list[LRPhase] = knob(factory=list, help=(
+        "explicit LR phases, in order; replaces warmup/decay when given, e.g. "
+        "[{kind: linear, steps: 100, start: 0, end: 1}, {kind: cosine, steps: 0, start: 1, end: 0.1}]"))
+    loss_weights: dict[str, list[tuple[float, float]]] = knob(factory=dict, help=(
+        "piecewise-linear loss-weight ramps by loss name: [[at, weight], ...], held constant "
+        "outside the points; e.g. {l2: [[0, 0], [0.1, 0.5], [0.4, 2.0]]}"))
+    loss_weight_unit: Literal["fraction", "steps"] = knob(
+        "fraction", "unit of the 'at' points of loss_weights: fraction of train.steps, or steps")
+
+    def check(self, prefix: str) -> None:
+        """Cross-field rules, after every field passed its own."""
+        for i, phase in enumerate(self.phases):
+            if phase.steps == 0 and i != len(self.phases) - 1:
+                raise ConfigError(f"{prefix}.phases[{i}].steps",
+                                  "0 (until the end) is allowed for the last phase only")
+        for name, points in self.loss_weights.items():
+            if not points:
+                raise ConfigError(f"{prefix}.loss_weights.{name}", "needs at least one [at, weight] point")
+            ats = [p[0] for p in points]
+            if any(b < a for a, b in zip(ats, ats[1:])):
+                raise ConfigError(f"{prefix}.loss_weights.{name}", f"points must be in increasing order of 'at', got {ats}")
+            if self.loss_weight_unit == "fraction" and any(not 0 <= a <= 1 for a in ats):
+                raise ConfigError(f"{prefix}.loss_weights.{name}", f"'at' must lie in [0, 1] as a fraction, got {ats}")
+
+
+@dataclass
+class LogConfig:
+    every: int = knob(10, "optimizer steps between metric rows (one host sync per row)", ge=1)
+    progress: Literal["auto", "bar", "plain", "off"] = knob(
+        "auto", "auto = a progress bar on a terminal, plain periodic lines otherwise")
+    plain_interval_s: float = knob(10.0, "least seconds between two plain progress lines", ge=0)
+    tensorboard: bool = knob(False, "also write TensorBoard event files (needs the tensorboard package)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = knob(100, "optimizer steps between evaluations; 0 = only at the end", ge=0)
+    at_end: bool = knob(True, "evaluate after the last step")
+
+
+@dataclass
+class CkptConfig:
+    every: int = knob(500, "optimizer steps between checkpoints; 0 = only at exit and on signals", ge=0)
+    keep: int = knob(3, "newest checkpoints kept (the best one is kept besides)", ge=1)
+    best_metric: str = knob("", "metric that picks the best checkpoint, e.g. val_loss; empty = none")
+    best_mode: Literal["min", "max"] = knob("min", "whether a lower or a higher best_metric is better")
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = knob("level", "name of the curriculum value (a metrics column), e.g. rounds")
+    values: list[float] = knob(factory=list, help="value of each phase, e.g. [8, 16, 32, 64]; empty = no curriculum")
+    min_steps: list[int] = knob(factory=list, help="least optimizer steps spent in each phase before promotion", ge=0)
+    gates: list[float] = knob(factory=list, help="running-average metric needed to leave each phase", ge=0, le=1)
+    metric: str = knob("acc", "training metric the gates compare")
+    window: int = knob(50, "optimizer steps in the running average of the gate metric", ge=1)
+    start_phase: int = knob(0, "phase index a fresh run begins at", ge=0)
+    on_resume: Literal["checkpoint", "start"] = knob(
+        "checkpoint", "on resume: continue the saved phase, or go back to start_phase (seed 002)")
+
+    def check(self, prefix: str) -> None:
+        """Cross-field rules, after every field passed its own."""
+        n = len(self.values)
+        lengths = {"values": n, "min_steps": len(self.min_steps), "gates": len(self.gates)}
+        if len(set(lengths.values())) != 1:
+            shown = ", ".join(f"{k} has {v}" for k, v in lengths.items())
+            raise ConfigError(prefix, f"values, min_steps and gates must have equal lengths; {shown}")
+        if n and self.start_phase >= n:
+            raise ConfigError(f"{prefix}.start_phase", f"must be < {n} (the number of phases), got {self.start_phase}")
+        if not self.name.isidentifier():
+            raise ConfigError(f"{prefix}.name", f"must be an identifier (a metrics column), got {self.name!r}")
+
+
+@dataclass
+class MemoryConfig:
+    host_ceiling_gb: float = knob(0.0, "host RAM ceiling in GB; 0 = no ceiling", ge=0)
+    host_measure: Literal["process", "system"] = knob(
+        "process", "process = RSS of this process and its children; system = machine-wide used RAM")
+    device_ceiling_gb: float = knob(0.0, "device memory ceiling in GB (allocated by torch); 0 = none", ge=0)
+    every: int = knob(10, "optimizer steps between memory polls", ge=1)
+    pause_s: float = knob(0.0, "seconds to wait for memory to drain before stopping; 0 = stop at once", ge=0)
+
+
+@dataclass
+class RunConfig:
+    experiment: str = knob("modadd", "experiment name (trainlab list)")
+    preset: str = knob("", "preset the config started from")
+    train: TrainConfig = knob(factory=TrainConfig, help="the loop")
+    optim: OptimConfig = knob(factory=OptimConfig, help="the optimizer")
+    schedule: ScheduleConfig = knob(factory=ScheduleConfig, help="learning-rate and loss-weight schedules")
+    log: LogConfig = knob(factory=LogConfig, help="metrics and progress")
+    eval: EvalConfig = knob(factory=EvalConfig, help="held-out evaluation")
+    ckpt: CkptConfig = knob(factory=CkptConfig, help="checkpoints")
+    curriculum: CurriculumConfig = knob(factory=CurriculumConfig, help="accuracy-gated phases")
+    memory: MemoryConfig = knob(factory=MemoryConfig, help="memory guard")
+    model: Any = knob(None, "the experiment's model section")
+    data: Any = knob(None, "the experiment's data section")
+
+
+SHARED_SECTIONS = ("train", "optim", "schedule", "log", "eval", "ckpt", "curriculum", "memory")
+
+
+# --------------------------------------------------------------------------------------------
+# Strict conversion from plain data to typed dataclasses
+# --------------------------------------------------------------------------------------------
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(str(c) for c in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_bounds(value: float, meta: dict, key: str) -> None:
+    if meta.get("ge") is not None and value < meta["ge"]:
+        raise ConfigError(key, f"must be >= {meta['ge']}, got {_show(value)}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise ConfigError(key, f"must be > {meta['gt']}, got {_show(value)}")
+    if meta.get("le") is not None and value > meta["le"]:
+        raise ConfigError(key, f"must be <= {meta['le']}, got {_show(value)}")
+    if meta.get("lt") is not None and value >= meta["lt"]:
+        raise ConfigError(key, f"must be < {meta['lt']}, got {_show(value)}")
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
+    """Convert `value` (plain YAML data, or a string from --set) to type `tp`, or raise ConfigError."""
+    meta = meta or {}
+    origin = typing.get_origin(tp)
+    wrong = ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise wrong
+    if tp is int:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if any(c in value for c in ".eE") else int(value.strip())
+            except ValueError:
+                raise wrong from None
+        if isinstance(value, float):
+            if not (math.isfinite(value) and value.is_integer()):
+                raise wrong
+            value = int(value)
+        if not isinstance(value, int):
+            raise wrong
+        _check_bounds(value, meta, key)
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, str):  # PyYAML reads "1e-3" as a string; --set gives strings
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise wrong from None
+        if not isinstance(value, (int, float)):
+            raise wrong
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {_show(value)}")
+        _check_bounds(value, meta, key)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}; got {_show(value)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = _parse_flow(value, key)
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        (item_tp,) = typing.get_args(tp)
+        return [coerce(v, item_tp, f"{key}[{i}]", meta) for i, v in enumerate(value)]
+    if origin is tuple:
+        if isinstance(value, str):
+            value = _parse_flow(value, key)
+        item_tps = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
+            raise wrong
+        return tuple(coerce(v, t, f"{key}[{i}]", meta) for i, (v, t) in enumerate(zip(value, item_tps)))
+    if origin is dict:
+        if isinstance(value, str):
+            value = _parse_flow(value, key)
+        if not isinstance(value, dict):
+            raise wrong
+        key_tp, val_tp = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not k:
+                raise ConfigError(key, f"keys must be non-empty strings, got {_show(k)}")
+            out[k] = coerce(v, val_tp, f"{key}.{k}", meta)
+        return out
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str):
+            value = _parse_flow(value, key)
+        if not isinstance(value, dict):
+            raise wrong
+        return from_dict(tp, value, key)
+    raise ConfigError(key, f"unsupported field type {tp!r}")  # a bug in a config class, not user input
+
+
+def _parse_flow(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse {_show(text)} as YAML: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def unknown_key(key: str, name: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return ConfigError(key, f"unknown key; {hint}allowed: {', '.join(allowed)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, strictly: unknown keys and wrong types raise ConfigError."""
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise unknown_key(key, str(name), list(fields))
+        kwargs[name] = coerce(value, hints[name], key, dict(fields[name].metadata))
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(prefix, _one_line(exc)) from None
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check(prefix)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (dicts, lists, scalars) for YAML; tuples become lists."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Nested dict merge: mappings merge key by key, everything else (lists too) is replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution: defaults < preset < YAML < --set < --steps
+# --------------------------------------------------------------------------------------------
+
+def load_yaml_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path}: not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file {path}: is a directory, expected a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path}: cannot read: {_one_line(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path}: malformed YAML: {_one_line(exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-4")
+        out.append((key, value))
+    return out
+
+
+def _field_type(root_types: dict[str, type], key: str) -> tuple[Any, dict]:
+    """The type and metadata of the field at dotted `key`, or ConfigError naming what exists."""
+    parts = key.split(".")
+    cls: Any = RunConfig
+    hints = dict(_hints(RunConfig), **root_types)
+    meta: dict = {}
+    for depth, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        here = ".".join(parts[: depth + 1])
+        if name not in fields:
+            raise unknown_key(here, name, list(fields))
+        tp = hints[name]
+        meta = dict(fields[name].metadata)
+        if depth < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(here, f"is {_describe(tp)}, it has no key '{parts[depth + 1]}'")
+            cls, hints = tp, _hints(tp)
+    return tp, meta
+
+
+def set_path(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for name in parts[:-1]:
+        node = node.setdefault(name, {})
+    node[parts[-1]] = value
+
+
+def resolve(experiment: Any, preset: str, file_data: dict | None = None,
+            overrides: list[tuple[str, str]] | None = None, steps: int | None = None) -> RunConfig:
+    """The full, validated config of a run of `experiment` (an Experiment) from `preset`."""
+    if preset not in experiment.presets:
+        raise UsageError(f"unknown preset '{preset}' for experiment {experiment.name}; "
+                         f"allowed: {', '.join(experiment.presets)}")
+    root_types = {"model": experiment.model_config, "data": experiment.data_config}
+    data = to_dict(RunConfig(experiment=experiment.name, preset=preset,
+                             model=experiment.model_config(), data=experiment.data_config()))
+    data = merge(data, experiment.presets[preset].overrides)
+    if file_data:
+        data = merge(data, {k: v for k, v in file_data.items() if k not in ("experiment", "preset")})
+    for key, raw in overrides or []:
+        if key in ("experiment", "preset"):
+            raise ConfigError(key, "cannot be changed with --set; give it as TARGET or --preset")
+        tp, meta = _field_type(root_types, key)
+        set_path(data, key, coerce(raw, tp, key, meta))
+    if steps is not None:
+        set_path(data, "train.steps", steps)
+    return build(experiment, data)
+
+
+def build(experiment: Any, data: dict) -> RunConfig:
+    """Typed RunConfig from complete plain data, with the experiment's own sections and checks."""
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    for name in data:
+        if name not in top:
+            raise unknown_key(str(name), str(name), sorted(top))
+    kwargs = {}
+    hints = _hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        value = data.get(f.name)
+        if f.name == "model":
+            kwargs[f.name] = from_dict(experiment.model_config, value or {}, "model")
+        elif f.name == "data":
+            kwargs[f.name] = from_dict(experiment.data_config, value or {}, "data")
+        elif value is None:
+            raise ConfigError(f.name, "missing")
+        else:
+            kwargs[f.name] = coerce(value, hints[f.name], f.name, dict(f.metadata))
+    cfg = RunConfig(**kwargs)
+    experiment.check_config(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The reference document (docs/config.md is this output; a test keeps it true)
+# --------------------------------------------------------------------------------------------
+
+def _fmt_default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "(required)"
+    if dataclasses.is_dataclass(value):
+        return "(section)"
+    return "`" + yaml.safe_dump(to_dict(value), default_flow_style=True, width=1000).strip().removesuffix("...").strip() + "`"
+
+
+def _bounds(meta: dict) -> str:
+    parts = []
+    for k, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if meta.get(k) is not None:
+            parts.append(f"{sym} {meta[k]}")
+    return ", ".join(parts)
+
+
+def reference_rows(cls: type, prefix: str) -> list[str]:
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(tp) and prefix == "":
+            continue
+        kind = _describe(tp)
+        bounds = _bounds(dict(f.metadata))
+        if bounds:
+            kind += f" ({bounds})"
+        rows.append(f"| `{key}` | {kind} | {_fmt_default(f)} | {f.metadata.get('help', '')} |")
+    return rows
+
+
+def render_reference(experiments: dict) -> str:
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the dataclasses in `src/trainlab/config.py` and each experiment's config by",
+        "`python -m trainlab.config > docs/config.md`; `tests/test_config.py` fails when it is stale.",
+        "",
+        "Every key can be set in a YAML file (`trainlab run file.yaml`) or on the command line",
+        "(`--set section.key=value`). Resolution order, later wins: defaults < preset < YAML < `--set` < `--steps`.",
+        "Unknown keys, wrong types and out-of-range values are refused before anything runs (exit code 2).",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    lines += reference_rows(RunConfig, "")
+    for section in SHARED_SECTIONS:
+        cls = _hints(RunConfig)[section]
+        lines += reference_rows(cls, section)
+    lines += reference_rows(LRPhase, "schedule.phases[]")
+    for exp in experiments.values():
+        lines += ["", f"## Experiment `{exp.name}`", "", exp.description, "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += reference_rows(exp.model_config, "model")
+        lines += reference_rows(exp.data_config, "data")
+        lines += ["", "Presets:", ""]
+        lines += [f"- `{name}`: {p.description}" for name, p in exp.presets.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from trainlab.experiment import registry
+
+    print(render_reference(registry()), end="")

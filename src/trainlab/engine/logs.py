@@ -1,0 +1,170 @@
+"""metrics.csv (append-only), events.jsonl, and an optional TensorBoard writer.
+
+metrics.csv is never rewritten.  A resumed run appends rows with a higher `attempt`; steps that
+were logged before a crash and computed again after the resume appear twice, and a reader keeping
+the last row per step (`read_metrics`) gets the true history.  A half-written last line left by a
+kill is closed with a newline before appending, and readers skip lines that do not parse.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+METRICS_FILE = "metrics.csv"
+EVENTS_FILE = "events.jsonl"
+
+
+def _close_partial_line(path: Path) -> None:
+    """If a kill left a line without its newline, end it so the next row starts cleanly."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+        if last != b"\n":
+            with open(path, "ab") as fh:
+                fh.write(b"\n")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value) if not math.isfinite(value) else f"{value:.8g}"
+    return str(value)
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, columns: list[str]):
+        self.path = run_dir / METRICS_FILE
+        _close_partial_line(self.path)
+        existing = read_header(self.path)
+        self.dropped: set[str] = set()
+        if existing:
+            self.columns = existing  # a run keeps its header; new columns are reported, not added
+            self.dropped = set(columns) - set(existing)
+        else:
+            self.columns = list(columns)
+            with open(self.path, "a", encoding="utf-8", newline="") as fh:
+                fh.write(",".join(self.columns) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._fh = open(self.path, "a", encoding="utf-8", newline="")
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = ",".join(_fmt(row.get(c)) for c in self.columns) + "\n"
+        self._fh.write(line)  # one write() per row, so a kill leaves at most one partial line
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_header(path: Path) -> list[str] | None:
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            first = fh.readline()
+    except FileNotFoundError:
+        return None
+    if not first.endswith("\n"):
+        return None
+    return next(csv.reader([first.strip()]))
+
+
+def _num(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every well-formed row in file order (torn or foreign lines skipped)."""
+    header = read_header(path)
+    if not header:
+        return []
+    rows = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        fh.readline()
+        for line in fh:
+            if not line.endswith("\n"):
+                continue  # a line torn by a kill
+            values = next(csv.reader(io.StringIO(line)), [])
+            if len(values) != len(header):
+                continue
+            row = {k: _num(v) for k, v in zip(header, values)}
+            if not isinstance(row.get("step"), int):
+                continue
+            rows.append(row)
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The true history: the last row written for each step, in step order."""
+    last: dict[int, dict] = {}
+    for row in read_rows(path):
+        last[row["step"]] = row
+    return [last[s] for s in sorted(last)]
+
+
+class EventLog:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / EVENTS_FILE
+        _close_partial_line(self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def write(self, event: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **event}
+        self._fh.write(json.dumps(record, default=str) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    out = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    out.append(record)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+class TensorBoardLog:
+    """Scalars to TensorBoard, next to metrics.csv (which stays the source of truth)."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, step: int, row: dict[str, Any], skip: Iterable[str] = ("step", "attempt")) -> None:
+        for key, value in row.items():
+            if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()

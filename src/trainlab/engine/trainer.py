@@ -1,0 +1,399 @@
+"""The training loop -- readable top to bottom.
+
+    setup ........ seed, model, data, optimizer, scaler, curriculum, logs; resume from the newest
+                   valid checkpoint if there is one
+    for each optimizer step:
+      schedules .. LR and loss weights, pure functions of the step
+      micro-steps  batch(step, micro, level) -> autocast forward -> scaled backward, `accum` times
+      update ..... unscale, clip (norm kept as a device tensor), optimizer step, scaler update
+      curriculum . record the gate metric (device tensor)
+      log step ... ONE host sync: a row to metrics.csv, promotion check, progress, non-finite check
+      eval step .. experiment.evaluate(); its numbers join the next row (a log row is forced)
+      memory ..... poll every memory.every steps; over the ceiling -> checkpoint and stop
+      checkpoint . every ckpt.every steps, at the end, and when SIGINT/SIGTERM arrived
+
+Between log steps nothing calls .item(): metrics accumulate as device tensors (nanoGPT and litgpt
+make the same point -- a sync per step costs real throughput on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainlab.config import RunConfig
+from trainlab.engine import schedules
+from trainlab.engine.checkpoint import CheckpointStore
+from trainlab.engine.curriculum import Curriculum
+from trainlab.engine.logs import EventLog, MetricsLog, TensorBoardLog, read_events
+from trainlab.engine.memory import MemoryGuard
+from trainlab.engine.progress import Progress
+from trainlab.engine.rundir import write_status
+from trainlab.engine.state import rng_state, seed_everything, set_rng_state
+from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped
+from trainlab.experiment import Experiment, StepContext
+from trainlab.optim import build_optimizer
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class RunResult:
+    state: str  # finished | stopped
+    step: int
+    total_steps: int
+    last_row: dict[str, Any]
+    elapsed_s: float
+    reason: str = ""
+
+
+@dataclass
+class _Interval:
+    """Metric sums since the last log row, kept on the device."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_norm_max: torch.Tensor | None = None
+    steps: int = 0
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps,
+                "grad_norm_max": None if self.grad_norm_max is None else self.grad_norm_max.cpu()}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.steps = int(state["steps"])
+        gmax = state.get("grad_norm_max")
+        self.grad_norm_max = None if gmax is None else gmax.to(device)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, experiment: Experiment, run_dir: Path, device: torch.device):
+        self.cfg = cfg
+        self.exp = experiment
+        self.run_dir = run_dir
+        self.device = device
+        self.precision = resolve_precision(cfg.train.precision, device)
+        self._signal: tuple[str, int] | None = None
+        self.pending_events: list[dict] = []  # events decided before the log opened (config changes)
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg, device = self.cfg, self.device
+        if cfg.train.deterministic:
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.train.seed)
+        self.model = self.exp.build_model(cfg).to(device)
+        self.model.train()
+        self.data = self.exp.build_data(cfg, device)
+        self.optimizer = build_optimizer(cfg.optim, self.model, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.curriculum = Curriculum(cfg.curriculum, device)
+        self.guard = MemoryGuard(cfg.memory, device)
+        self.events = EventLog(self.run_dir)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.ckpt.keep, self.events.write)
+        self.attempt = 1 + sum(e.get("kind") in ("start", "resume") for e in read_events(self.events.path))
+        self.interval = _Interval()
+        self.step = 0
+        self.elapsed_before = 0.0
+        self.best_value: float | None = None
+        self.last_values: dict[str, float] = {}
+        self.amp_skipped = torch.zeros((), device=device)
+        self.last_lr = cfg.optim.lr
+
+    def _columns(self) -> list[str]:
+        cfg = self.cfg
+        cols = ["step", "attempt", "elapsed_s", "lr", "loss", "grad_norm", "grad_norm_max"]
+        cols += list(self.exp.train_metrics) + list(self.exp.eval_metrics)
+        cols += [f"w_{name}" for name in cfg.schedule.loss_weights]
+        if self.curriculum.enabled:
+            cols += [cfg.curriculum.name, "phase", "gate", "gate_mean"]
+        if self.precision == "fp16":
+            cols += ["amp_scale", "amp_skipped"]
+        cols += [f"{self.exp.throughput_unit}_per_s", "ram_gb", "peak_ram_gb", "dev_mem_gb", "peak_dev_mem_gb"]
+        return cols
+
+    def _resume(self) -> None:
+        self.store.sweep_incomplete()
+        ckpt = self.store.latest_valid()
+        if ckpt is None:
+            self.events.write({"kind": "start", "attempt": self.attempt, "device": str(self.device),
+                               "precision": self.precision, "pid": os.getpid()})
+            return
+        state = self.store.load(ckpt, self.model, self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.curriculum.enabled and state.get("curriculum"):
+            self.curriculum.load_state_dict(state["curriculum"])
+        self.interval.load_state_dict(state["interval"], self.device)
+        self.amp_skipped = state["amp_skipped"].to(self.device)
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.elapsed_before = float(state["elapsed_s"])
+        self.best_value = state.get("best_value")
+        self.last_values = dict(state.get("last_values", {}))
+        self.events.write({"kind": "resume", "attempt": self.attempt, "step": self.step,
+                           "checkpoint": str(ckpt.path), "device": str(self.device), "pid": os.getpid(),
+                           "curriculum_phase": self.curriculum.phase if self.curriculum.enabled else None})
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, elapsed: float) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "curriculum": self.curriculum.state_dict() if self.curriculum.enabled else {},
+            "interval": self.interval.state_dict(),
+            "amp_skipped": self.amp_skipped.cpu(),
+            "rng": rng_state(),
+            "elapsed_s": elapsed,
+            "best_value": self.best_value,
+            "last_values": self.last_values,
+        }
+
+    def _is_best(self) -> bool:
+        name = self.cfg.ckpt.best_metric
+        value = self.last_values.get(name)
+        if not name or value is None or not math.isfinite(value):
+            return False
+        better = (self.best_value is None or
+                  (value < self.best_value if self.cfg.ckpt.best_mode == "min" else value > self.best_value))
+        if better:
+            self.best_value = value
+        return better
+
+    def _checkpoint(self, elapsed: float, reason: str) -> Path:
+        best = self._is_best()
+        info = {"reason": reason, "loss": self.last_values.get("loss"),
+                "best_metric": self.cfg.ckpt.best_metric or None, "best_value": self.best_value}
+        path = self.store.save(self.step, self.model, self._state(elapsed), info, best=best)
+        self.events.write({"kind": "checkpoint", "step": self.step, "path": str(path), "reason": reason,
+                           "best": best})
+        write_status(self.run_dir, "running", self.step, total_steps=self.cfg.train.steps)
+        return path
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._signal is not None:  # a second signal: the user insists
+            raise KeyboardInterrupt
+        self._signal = (name, EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _train_step(self, params: list[torch.nn.Parameter]) -> None:
+        cfg = self.cfg
+        total = cfg.train.steps
+        lr = cfg.optim.lr * schedules.lr_multiplier(cfg.schedule, self.step, total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ctx = StepContext(step=self.step, level=self.curriculum.level,
+                          weights=schedules.loss_weights(cfg.schedule, self.step, total))
+        accum = cfg.train.accum
+        step_loss = None
+        step_metrics: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = self.data.batch(self.step, micro, ctx.level)
+            with autocast_context(self.precision, self.device):
+                loss, metrics = self.exp.loss(self.model, batch, ctx)
+            self.scaler.scale(loss / accum).backward()
+            part = loss.detach().float() / accum
+            step_loss = part if step_loss is None else step_loss + part
+            for k, v in metrics.items():
+                part = v.detach().float() / accum
+                step_metrics[k] = part if k not in step_metrics else step_metrics[k] + part
+
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+            # GradScaler's public get_scale() syncs with the host; its device tensor does not
+            scale_before = self.scaler._scale.clone()
+        grads = [p.grad for p in params if p.grad is not None]
+        if cfg.train.clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip, foreach=None)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled():
+            # the scale shrinks exactly when the step was skipped for inf/nan gradients
+            self.amp_skipped += (self.scaler._scale < scale_before).float().squeeze()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self.interval.add("loss", step_loss)
+        self.interval.add("grad_norm", grad_norm)
+        self.last_lr = lr
+        gn = grad_norm.detach().float()
+        self.interval.grad_norm_max = gn.clone() if self.interval.grad_norm_max is None \
+            else torch.maximum(self.interval.grad_norm_max, gn)
+        for k, v in step_metrics.items():
+            self.interval.add(k, v)
+        self.interval.steps += 1
+        if self.curriculum.enabled:
+            self.curriculum.observe(step_metrics[cfg.curriculum.metric])
+        self.step += 1
+
+    # ------------------------------------------------------------------ evaluation and logging
+    def _evaluate(self) -> dict[str, torch.Tensor]:
+        self.model.eval()
+        with torch.no_grad(), autocast_context(self.precision, self.device):
+            out = self.exp.evaluate(self.model, self.data, self.cfg)
+        self.model.train()
+        return out
+
+    def _log_row(self, eval_metrics: dict[str, torch.Tensor], elapsed: float, dt: float, steps_in_dt: int) -> dict:
+        """Build the row: the one host sync of this log interval."""
+        n = max(self.interval.steps, 1)
+        names = list(self.interval.sums)
+        tensors = [self.interval.sums[k] / n for k in names]
+        if self.interval.grad_norm_max is not None:
+            names.append("grad_norm_max")
+            tensors.append(self.interval.grad_norm_max)
+        for k, v in eval_metrics.items():
+            names.append(k)
+            tensors.append(v.detach().float().reshape(()))
+        if self.precision == "fp16":
+            names += ["amp_scale", "amp_skipped"]
+            tensors += [self.scaler._scale.float().reshape(()), self.amp_skipped.reshape(())]
+        values = torch.stack([t.to(self.device) for t in tensors]).tolist() if tensors else []  # <- the sync
+        row: dict[str, Any] = dict(zip(names, values))
+        row.update(step=self.step, attempt=self.attempt, elapsed_s=round(elapsed, 3), lr=self.last_lr)
+        for name, w in schedules.loss_weights(self.cfg.schedule, max(self.step - 1, 0), self.cfg.train.steps).items():
+            row[f"w_{name}"] = w
+        if self.curriculum.enabled:
+            row[self.cfg.curriculum.name] = self.curriculum.level
+            row["phase"] = self.curriculum.phase
+            row["gate"] = self.cfg.curriculum.gates[self.curriculum.phase]
+            row["gate_mean"] = self.curriculum.running_mean()
+        unit = self.exp.items_per_sample(self.cfg) * self.cfg.train.micro_batch * self.cfg.train.accum
+        row[f"{self.exp.throughput_unit}_per_s"] = round(unit * steps_in_dt / dt, 2) if dt > 0 else None
+        mem = self.guard.read()
+        row.update(ram_gb=round(mem.host_gb, 4), peak_ram_gb=round(self.guard.peak_host_gb, 4),
+                   dev_mem_gb=round(mem.device_gb, 4), peak_dev_mem_gb=round(self.guard.peak_device_gb, 4))
+        self.interval = _Interval()
+        self.last_values.update({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        return row
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> RunResult:
+        cfg = self.cfg
+        self._setup()
+        self._resume()
+        for event in self.pending_events:
+            self.events.write({**event, "step": self.step})
+        total = cfg.train.steps
+        metrics_log = MetricsLog(self.run_dir, self._columns())
+        if metrics_log.dropped:
+            self.events.write({"kind": "columns_not_logged", "columns": sorted(metrics_log.dropped),
+                               "why": "metrics.csv keeps the header it was created with"})
+        tb = TensorBoardLog(self.run_dir) if cfg.log.tensorboard else None
+        label = f"{self.exp.name}-{cfg.preset}" if cfg.preset else self.exp.name
+        progress = Progress(cfg.log.progress, total, self.step, label, cfg.log.plain_interval_s)
+        write_status(self.run_dir, "running", self.step, total_steps=total, attempt=self.attempt)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        t0 = time.monotonic()
+        last_log_t, last_log_step = t0, self.step
+        row: dict[str, Any] = dict(self.last_values)
+        state, reason = "finished", ""
+        try:
+            while self.step < total:
+                self._train_step(params)
+                is_last = self.step == total
+                do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
+                eval_metrics = self._evaluate() if do_eval else {}
+                if self.step % cfg.log.every == 0 or is_last or do_eval:
+                    now = time.monotonic()
+                    row = self._log_row(eval_metrics, self.elapsed_before + now - t0, now - last_log_t,
+                                        self.step - last_log_step)
+                    last_log_t, last_log_step = now, self.step
+                    metrics_log.write(row)
+                    if tb:
+                        tb.write(self.step, row)
+                    progress.update(self.step, row, _steps_per_s(row, self.exp, cfg), final=is_last)
+                    self._check_finite(row)
+                    promotion = self.curriculum.maybe_promote(self.step)
+                    if promotion:
+                        self.events.write(promotion)
+                if self.step % cfg.memory.every == 0:
+                    problem = self.guard.check(self.events.write)
+                    if problem:
+                        elapsed = self.elapsed_before + time.monotonic() - t0
+                        path = self._checkpoint(elapsed, "memory guard")
+                        raise TrainingStopped(f"memory guard: {problem} at step {self.step}; "
+                                              f"checkpoint saved to {path}")
+                if self._signal is not None:
+                    name, code = self._signal
+                    elapsed = self.elapsed_before + time.monotonic() - t0
+                    path = self._checkpoint(elapsed, name)
+                    raise Interrupted(name, code)
+                if is_last or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
+                    self._checkpoint(self.elapsed_before + time.monotonic() - t0, "final" if is_last else "periodic")
+        except TrainingStopped as exc:
+            state, reason = "stopped", str(exc)
+            raise
+        except Interrupted as exc:
+            state, reason = "stopped", f"{exc.signal_name}; checkpoint saved at step {self.step}"
+            raise
+        except BaseException as exc:
+            state, reason = "crashed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            progress.close()
+            elapsed = self.elapsed_before + time.monotonic() - t0
+            self.events.write({"kind": {"finished": "finish"}.get(state, state), "step": self.step,
+                               "reason": reason, "elapsed_s": round(elapsed, 3)})
+            write_status(self.run_dir, state, self.step, total_steps=total, reason=reason,
+                         attempt=self.attempt)
+            metrics_log.close()
+            self.events.close()
+            if tb:
+                tb.close()
+            close = getattr(self.data, "close", None)
+            if callable(close):
+                close()
+        return RunResult("finished", self.step, total, row, self.elapsed_before + time.monotonic() - t0)
+
+    def _check_finite(self, row: dict) -> None:
+        bad = [k for k in ("loss", "grad_norm") if isinstance(row.get(k), float) and not math.isfinite(row[k])]
+        if not bad:
+            return
+        detail = ", ".join(f"{k}={row[k]}" for k in bad)
+        self.events.write({"kind": "nonfinite", "step": self.step, "detail": detail,
+                           "policy": self.cfg.train.nonfinite})
+        if self.cfg.train.nonfinite == "stop":
+            raise TrainingStopped(f"non-finite {detail} in the log interval ending at step {self.step}; "
+                                  "no checkpoint was written from the broken weights (train.nonfinite=stop)")
+
+
+def _steps_per_s(row: dict, exp: Experiment, cfg: RunConfig) -> float:
+    per_s = row.get(f"{exp.throughput_unit}_per_s")
+    unit = exp.items_per_sample(cfg) * cfg.train.micro_batch * cfg.train.accum
+    return per_s / unit if per_s else 0.0

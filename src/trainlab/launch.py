@@ -1,0 +1,146 @@
+"""From a command line to a running Trainer: target -> config, device, the run directory's
+decisions (new, resume, already finished, --fresh), lock, and the resolved config on disk.
+
+Every refusal here happens before anything is written (exit code 2)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from trainlab import config as config_mod
+from trainlab.config import RunConfig
+from trainlab.engine.checkpoint import CheckpointStore
+from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside, read_status
+from trainlab.engine.trainer import RunResult, Trainer
+from trainlab.errors import UsageError
+from trainlab.experiment import Experiment, get_experiment
+
+# A resumed run keeps its model and data: a change there would load mismatched weights or
+# silently train on another task.  Everything else (steps, LR, logging...) may change on resume.
+FIXED_ON_RESUME = ("experiment", "model.", "data.")
+
+
+def is_config_path(target: str) -> bool:
+    return target.endswith((".yaml", ".yml")) or Path(target).is_file()
+
+
+def load_target(target: str, preset: str | None, sets: list[str], steps: int | None) -> tuple[Experiment, RunConfig]:
+    overrides = config_mod.parse_set(sets)
+    file_data = None
+    if is_config_path(target):
+        file_data = config_mod.load_yaml_file(target)
+        name = file_data.get("experiment")
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"config file {target}: needs a top-level 'experiment:' key naming the experiment")
+        experiment = get_experiment(name)
+        file_preset = file_data.get("preset") or None
+        if file_preset is not None and not isinstance(file_preset, str):
+            raise UsageError(f"config file {target}: 'preset' must be a string, got {file_preset!r}")
+        preset = preset or file_preset or experiment.default_preset
+    else:
+        experiment = get_experiment(target)
+        preset = preset or experiment.default_preset
+    return experiment, config_mod.resolve(experiment, preset, file_data, overrides, steps)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: CUDA is not available here (torch {torch.__version__}); "
+                         "allowed here: auto, cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available here; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.experiment}-{cfg.preset}"
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple]:
+    a, b = config_mod.flatten(old), config_mod.flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _read_saved_config(run_dir: Path) -> dict | None:
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"run directory {run_dir}: {CONFIG_FILE} is unreadable ({' '.join(str(exc).split())[:120]}); "
+                         "pass --fresh to start over (the old contents are moved aside)") from None
+    return data if isinstance(data, dict) else None
+
+
+class Launch:
+    """What `trainlab run` decided: the run directory, and whether there is anything to do."""
+
+    def __init__(self, experiment: Experiment, cfg: RunConfig, run_dir: Path, device: torch.device):
+        self.experiment, self.cfg, self.run_dir, self.device = experiment, cfg, run_dir, device
+        self.notes: list[str] = []
+        self.already_done_at: int | None = None
+        self.config_changes: dict[str, tuple] = {}
+        self.moved_to: Path | None = None
+
+    def prepare(self, fresh: bool) -> None:
+        """All checks; moves old contents aside for --fresh.  Raises UsageError before writing."""
+        run_dir, cfg = self.run_dir, self.cfg
+        check_usable(run_dir)
+        if not has_run(run_dir):
+            return
+        if fresh:
+            RunLock(run_dir).acquire_and_release()
+            self.moved_to = move_aside(run_dir)
+            self.notes.append(f"--fresh: the old run was moved to {self.moved_to}")
+            return
+        saved = _read_saved_config(run_dir)
+        new = config_mod.to_dict(cfg)
+        if saved is not None:
+            diff = config_diff(saved, new)
+            fixed = [k for k in diff if k == "experiment" or k.startswith(FIXED_ON_RESUME)]
+            if fixed:
+                shown = "; ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in fixed[:3])
+                raise UsageError(f"run directory {run_dir} holds a run with another model or data ({shown}); "
+                                 "pass --fresh to start over (the old run is moved aside) or --run-dir for a new one")
+            self.config_changes = {k: v for k, v in diff.items() if k != "preset"}
+        status = read_status(run_dir)
+        newest = CheckpointStore(run_dir / "checkpoints", cfg.ckpt.keep).complete_dirs()
+        newest_step = int(newest[-1].name[5:]) if newest else 0
+        if status.get("state") == "finished" and newest_step >= cfg.train.steps:
+            self.already_done_at = newest_step
+
+    def write_config(self) -> None:
+        path = self.run_dir / CONFIG_FILE
+        text = config_mod.dump_yaml(self.cfg)
+        if path.exists() and path.read_text(encoding="utf-8") != text:
+            archived = path.with_name(f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+            path.rename(archived)
+            self.notes.append(f"config changed on resume ({', '.join(self.config_changes) or 'layout'}); "
+                              f"the previous one is kept as {archived.name}")
+        if not path.exists():
+            path.write_text(text, encoding="utf-8")
+
+    def run(self) -> RunResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir)
+        lock.acquire()
+        try:
+            self.write_config()
+            trainer = Trainer(self.cfg, self.experiment, self.run_dir, self.device)
+            if self.config_changes:
+                trainer.pending_events.append({"kind": "config_changed", "changes": {
+                    k: [a, b] for k, (a, b) in self.config_changes.items()}})
+            return trainer.fit()
+        finally:
+            lock.release()
