@@ -5,6 +5,7 @@ Every refusal here happens before anything is written (exit code 2)."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -96,6 +97,9 @@ class Launch:
     def prepare(self, fresh: bool) -> None:
         """All checks; moves old contents aside for --fresh.  Raises UsageError before writing."""
         run_dir, cfg = self.run_dir, self.cfg
+        if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise UsageError("config log.tensorboard: true needs the tensorboard package; "
+                             "pip install 'trainlab[tensorboard]', or leave log.tensorboard false")
         check_usable(run_dir)
         if not has_run(run_dir):
             return

@@ -2,8 +2,9 @@
 
 metrics.csv is never rewritten.  A resumed run appends rows with a higher `attempt`; steps that
 were logged before a crash and computed again after the resume appear twice, and a reader keeping
-the last row per step (`read_metrics`) gets the true history.  A half-written last line left by a
-kill is closed with a newline before appending, and readers skip lines that do not parse.
+the last row per step (`read_metrics`) gets the true history.  A half-written last row left by a
+kill is cut off before appending (a torn number could otherwise parse as a wrong value); its bytes
+go into events.jsonl, so nothing is lost.  Readers skip lines that do not parse.
 """
 
 from __future__ import annotations
@@ -44,10 +45,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cut_torn_tail(path: Path) -> str:
+    """Remove the bytes after the last newline (a row a kill tore); return them."""
+    if not path.exists():
+        return ""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if not data or data.endswith(b"\n"):
+            return ""
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+        return data[keep:].decode("utf-8", errors="replace")
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, columns: list[str]):
         self.path = run_dir / METRICS_FILE
-        _close_partial_line(self.path)
+        self.torn_tail = _cut_torn_tail(self.path)
         existing = read_header(self.path)
         self.dropped: set[str] = set()
         if existing:

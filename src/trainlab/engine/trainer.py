@@ -308,6 +308,8 @@ class Trainer:
             self.events.write({**event, "step": self.step})
         total = cfg.train.steps
         metrics_log = MetricsLog(self.run_dir, self._columns())
+        if metrics_log.torn_tail:
+            self.events.write({"kind": "metrics_torn_row_removed", "text": metrics_log.torn_tail})
         if metrics_log.dropped:
             self.events.write({"kind": "columns_not_logged", "columns": sorted(metrics_log.dropped),
                                "why": "metrics.csv keeps the header it was created with"})
