@@ -345,24 +345,27 @@ def test_dump_yaml_round_trip(exp, preset, file_data):
 
 
 # --------------------------------------------------------------------------------------------
-# Known bugs (strict xfail: these start failing, as a reminder, once config.py is fixed)
+# Regressions: --set of structured values, non-mapping sections, best_metric names
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "src bug: config.resolve() stores coerce()'s typed value (LRPhase objects) in the plain data, "
-    "then build() coerces again and refuses them as 'expected a mapping, got LRPhase(...)'"))
 def test_set_schedule_phases_is_accepted(exp):
     cfg = resolve(exp, "smoke", None, [("schedule.phases", PHASES_TEXT)])
     assert cfg.schedule.phases == [LRPhase("linear", 100, 0.0, 1.0), LRPhase("cosine", 0, 1.0, 0.1)]
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "src bug: config.build() calls from_dict() on a non-mapping model/data section "
-    "(e.g. YAML `model: 5`): AttributeError (a traceback in the CLI) instead of a ConfigError"))
-@pytest.mark.parametrize("file_data", [{"model": 5}, {"data": ["x"]}], ids=["model-int", "data-list"])
+@pytest.mark.parametrize("file_data", [{"model": 5}, {"data": ["x"]}, {"model": None}],
+                         ids=["model-int", "data-list", "model-null"])
 def test_non_mapping_experiment_section_is_a_config_error(exp, file_data):
     with pytest.raises(ConfigError, match="expected a mapping"):
         resolve(exp, "smoke", file_data)
+
+
+def test_set_whole_section_and_best_metric_check(exp):
+    cfg = resolve(exp, "smoke", None, [("model", "{dim: 64, heads: 4}"), ("train", "{steps: 5}")])
+    assert (cfg.model.dim, cfg.model.heads, cfg.train.steps) == (64, 4, 5)
+    assert cfg.model.layers == 1  # a section given whole merges over the preset's keys
+    with pytest.raises(ConfigError, match="ckpt.best_metric: must be a logged metric"):
+        resolve(exp, "smoke", None, [("ckpt.best_metric", "val_ac")])
 
 
 # --------------------------------------------------------------------------------------------

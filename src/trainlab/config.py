@@ -433,6 +433,15 @@ def _field_type(root_types: dict[str, type], key: str) -> tuple[Any, dict]:
     return tp, meta
 
 
+def get_path(data: dict, key: str) -> Any:
+    node: Any = data
+    for name in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(name)
+    return node
+
+
 def set_path(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
@@ -457,7 +466,10 @@ def resolve(experiment: Any, preset: str, file_data: dict | None = None,
         if key in ("experiment", "preset"):
             raise ConfigError(key, "cannot be changed with --set; give it as TARGET or --preset")
         tp, meta = _field_type(root_types, key)
-        set_path(data, key, coerce(raw, tp, key, meta))
+        value = to_dict(coerce(raw, tp, key, meta))  # validated now; kept as plain data for build()
+        if dataclasses.is_dataclass(tp):  # a section given whole merges over what is there
+            value = merge(get_path(data, key) or {}, _parse_flow(raw, key))
+        set_path(data, key, value)
     if steps is not None:
         set_path(data, "train.steps", steps)
     return build(experiment, data)
@@ -473,10 +485,11 @@ def build(experiment: Any, data: dict) -> RunConfig:
     hints = _hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         value = data.get(f.name)
-        if f.name == "model":
-            kwargs[f.name] = from_dict(experiment.model_config, value or {}, "model")
-        elif f.name == "data":
-            kwargs[f.name] = from_dict(experiment.data_config, value or {}, "data")
+        if f.name in ("model", "data"):
+            if not isinstance(value, dict):
+                raise ConfigError(f.name, f"expected a mapping, got {_show(value)}")
+            section_cls = experiment.model_config if f.name == "model" else experiment.data_config
+            kwargs[f.name] = from_dict(section_cls, value, f.name)
         elif value is None:
             raise ConfigError(f.name, "missing")
         else:
@@ -512,7 +525,7 @@ def _fmt_default(f: dataclasses.Field) -> str:
         value = f.default_factory()  # type: ignore[misc]
     else:
         return "(required)"
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) or (value is None and f.name in ("model", "data")):
         return "(section)"
     return "`" + yaml.safe_dump(to_dict(value), default_flow_style=True, width=1000).strip().removesuffix("...").strip() + "`"
 
@@ -533,7 +546,7 @@ def reference_rows(cls: type, prefix: str) -> list[str]:
         key = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(tp) and prefix == "":
             continue
-        kind = _describe(tp)
+        kind = "the experiment's section" if tp is Any else _describe(tp)
         bounds = _bounds(dict(f.metadata))
         if bounds:
             kind += f" ({bounds})"

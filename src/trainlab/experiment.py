@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from trainlab.errors import ConfigError, UsageError
+
 
 @dataclass
 class Preset:
@@ -59,12 +61,15 @@ class Experiment(abc.ABC):
     throughput_unit: str = "samples"
 
     def check_config(self, cfg: Any) -> None:
-        """Cross-section rules of this experiment; raise ConfigError. Called after typing."""
+        """Cross-section rules of this experiment; raise ConfigError. Called after typing.
+        Subclasses extend it (call super())."""
         if cfg.curriculum.values and cfg.curriculum.metric not in self.train_metrics:
-            from trainlab.errors import ConfigError
-
             raise ConfigError("curriculum.metric", f"must be a training metric of {self.name}: "
                               f"{', '.join(self.train_metrics)}; got {cfg.curriculum.metric!r}")
+        logged = ("loss",) + self.train_metrics + self.eval_metrics
+        if cfg.ckpt.best_metric and cfg.ckpt.best_metric not in logged:
+            raise ConfigError("ckpt.best_metric", f"must be a logged metric of {self.name}: "
+                              f"{', '.join(logged)} (or empty); got {cfg.ckpt.best_metric!r}")
 
     @abc.abstractmethod
     def build_model(self, cfg: Any) -> nn.Module:
@@ -105,8 +110,6 @@ def registry() -> dict[str, Experiment]:
 
 
 def get_experiment(name: str) -> Experiment:
-    from trainlab.errors import UsageError
-
     experiments = registry()
     if name not in experiments:
         import difflib

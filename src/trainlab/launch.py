@@ -26,6 +26,11 @@ FIXED_ON_RESUME = ("experiment", "model.", "data.")
 
 
 def is_config_path(target: str) -> bool:
+    """A registered experiment name wins over a stray file of the same name in the cwd."""
+    from trainlab.experiment import registry
+
+    if target in registry():
+        return False
     return target.endswith((".yaml", ".yml")) or Path(target).is_file()
 
 
