@@ -61,6 +61,11 @@ class OptimConfig:
     eps: float = knob(1e-8, "AdamW denominator epsilon", gt=0)
     momentum_dtype: Literal["fp32", "bf16"] = knob(
         "fp32", "dtype of Lion's momentum buffer (bf16 halves optimizer memory, as seed 002 does)")
+    galore_rank: int = knob(0, "GaLore (Zhao et al. 2024): project gradients of 2-D weights to this rank; "
+                               "0 = off", ge=0)
+    galore_update_every: int = knob(200, "steps between refreshes of GaLore's projection (an SVD of the "
+                                         "gradient)", ge=1)
+    galore_scale: float = knob(0.25, "GaLore's alpha: scale of the update projected back to full rank", gt=0)
 
     def check(self, prefix: str) -> None:
         """Cross-field rules, after every field passed its own."""
