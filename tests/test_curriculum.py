@@ -88,7 +88,7 @@ def test_cli_curriculum_promotes_and_resumes_under_both_policies(tmp_path: Path)
     promotions = [e for e in read_events(tmp_path / "ref" / "events.jsonl") if e["kind"] == "promotion"]
     assert [(e["step"], e["to_value"]) for e in promotions] == [(10, 16), (20, 32)]
     rows = history(tmp_path / "ref")
-    assert rows[0]["rounds"] == 8 and rows[-1]["rounds"] == 32 and "gate_mean" in rows[0]
+    assert rows[0]["rounds"] == 8 and rows[-1]["rounds"] == 32 and "gate_mean" in rows[0] and rows[0]["threshold"] == 0
 
     # stopped after 15 steps (in phase 1), then resumed to 30: on_resume=checkpoint keeps phase 1
     trainlab(*base, "--steps", "15", "--run-dir", "keep", cwd=tmp_path, check=True)

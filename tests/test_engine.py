@@ -136,3 +136,32 @@ def test_metrics_log_tolerates_a_torn_last_line(tmp_path: Path):
     assert read_metrics(tmp_path / "metrics.csv") == [{"step": 1, "attempt": 1, "loss": 0.5},
                                                       {"step": 2, "attempt": 2, "loss": 0.41}]
     assert len(read_rows(tmp_path / "metrics.csv")) == 2
+
+
+def test_lion_bf16_momentum_survives_a_safe_reload(tmp_path: Path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = Lion(model.parameters(), lr=1e-2, momentum_dtype=torch.bfloat16)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    fresh = Lion(model.parameters(), lr=1e-2, momentum_dtype=torch.bfloat16)
+    fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for p in model.parameters():
+        assert fresh.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_changed_hyperparameters_take_effect_on_resume_but_optimizer_kind_is_fixed(tmp_path: Path):
+    trainlab(*SMOKE, "--steps", "10", "--run-dir", "r", cwd=tmp_path, check=True)
+    out = trainlab(*SMOKE, "--steps", "20", "--set", "optim.weight_decay=0.25", "--set", "optim.betas=[0.8,0.9]",
+                   "--run-dir", "r", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    state = torch.load(tmp_path / "r" / "checkpoints" / "step_00000020" / "state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == 0.25 and groups[1]["weight_decay"] == 0.0  # 1-D params never decay
+    assert tuple(groups[0]["betas"]) == (0.8, 0.9)
+    changed = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e["kind"] == "config_changed"]
+    assert "optim.weight_decay" in changed[0]["changes"]
+    refused = trainlab(*SMOKE, "--steps", "30", "--set", "optim.name=lion", "--run-dir", "r", cwd=tmp_path)
+    assert refused.returncode == 2 and "optim.name" in refused.stderr

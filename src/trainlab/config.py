@@ -124,6 +124,8 @@ class LogConfig:
 class EvalConfig:
     every: int = knob(100, "optimizer steps between evaluations; 0 = only at the end", ge=0)
     at_end: bool = knob(True, "evaluate after the last step")
+    on_promotion: bool = knob(True, "evaluate at the level a curriculum phase just left (its final numbers "
+                                    "and maps go to events.jsonl and eval_arrays.jsonl)")
 
 
 @dataclass

@@ -8,7 +8,7 @@ An experiment is one package that the engine knows nothing special about.  It su
   pure function of (seed, step, micro, curriculum value) -- this is what makes resume exact;
 - `loss(model, batch, ctx)` -> (loss, metrics), metrics as 0-d device tensors (no host sync);
 - `baseline_loss(cfg)`: the loss of an honest random guess (ln 2 per bit, ln V per token);
-- `evaluate(model, data, cfg)` -> held-out metrics as 0-d device tensors (optional).
+- `evaluate(model, data, cfg, level)` -> held-out metrics as 0-d device tensors (optional).
 
 Adding an experiment is adding one package and one line in `_BUILTIN`; nothing in engine/ changes.
 """
@@ -87,8 +87,10 @@ class Experiment(abc.ABC):
     def baseline_loss(self, cfg: Any) -> float:
         """Required."""
 
-    def evaluate(self, model: nn.Module, data: DataStream, cfg: Any) -> dict[str, torch.Tensor]:
-        """Held-out metrics named in `eval_metrics`; runs under no_grad and eval mode."""
+    def evaluate(self, model: nn.Module, data: DataStream, cfg: Any, level: float | None) -> dict[str, torch.Tensor]:
+        """Held-out metrics named in `eval_metrics` (0-d tensors) at curriculum value `level`; runs
+        under no_grad and eval mode.  Tensors with more than one element (maps, histograms) are
+        written to eval_arrays.jsonl instead of metrics.csv."""
         return {}
 
     def items_per_sample(self, cfg: Any) -> int:
@@ -98,7 +100,7 @@ class Experiment(abc.ABC):
 
 # Built-in experiments, each a module exposing EXPERIMENT.  Import is lazy so `trainlab list` and
 # config errors stay fast and one broken experiment cannot break the others' commands.
-_BUILTIN = ("trainlab.experiments.modadd",)
+_BUILTIN = ("trainlab.experiments.modadd", "trainlab.experiments.sha256")
 
 
 def registry() -> dict[str, Experiment]:

@@ -20,9 +20,10 @@ from trainlab.engine.trainer import RunResult, Trainer
 from trainlab.errors import UsageError
 from trainlab.experiment import Experiment, get_experiment
 
-# A resumed run keeps its model and data: a change there would load mismatched weights or
-# silently train on another task.  Everything else (steps, LR, logging...) may change on resume.
-FIXED_ON_RESUME = ("experiment", "model.", "data.")
+# A resumed run keeps its model, its data and its optimizer's kind: a change there would load
+# mismatched weights, silently train on another task, or feed one optimizer's state to another.
+# Everything else (steps, LR, weight decay, logging...) may change on resume.
+FIXED_ON_RESUME = ("experiment", "model.", "data.", "optim.name", "optim.galore_rank")
 
 
 def is_config_path(target: str) -> bool:
@@ -117,10 +118,10 @@ class Launch:
         new = config_mod.to_dict(cfg)
         if saved is not None:
             diff = config_diff(saved, new)
-            fixed = [k for k in diff if k == "experiment" or k.startswith(FIXED_ON_RESUME)]
+            fixed = [k for k in diff if k.startswith(FIXED_ON_RESUME)]
             if fixed:
                 shown = "; ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in fixed[:3])
-                raise UsageError(f"run directory {run_dir} holds a run with another model or data ({shown}); "
+                raise UsageError(f"run directory {run_dir} holds a run with another model, data or optimizer ({shown}); "
                                  "pass --fresh to start over (the old run is moved aside) or --run-dir for a new one")
             self.config_changes = {k: v for k, v in diff.items() if k != "preset"}
         status = read_status(run_dir)

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 METRICS_FILE = "metrics.csv"
 EVENTS_FILE = "events.jsonl"
+ARRAYS_FILE = "eval_arrays.jsonl"  # non-scalar evaluation outputs (per-bit accuracy maps, ...)
 
 
 def _close_partial_line(path: Path) -> None:
@@ -137,8 +138,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class EventLog:
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / EVENTS_FILE
+    """JSON lines, append-only; also used for eval_arrays.jsonl."""
+
+    def __init__(self, run_dir: Path, name: str = EVENTS_FILE):
+        self.path = run_dir / name
         _close_partial_line(self.path)
         self._fh = open(self.path, "a", encoding="utf-8")
 

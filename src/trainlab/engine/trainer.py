@@ -33,7 +33,7 @@ from trainlab.config import RunConfig
 from trainlab.engine import schedules
 from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.curriculum import Curriculum
-from trainlab.engine.logs import EventLog, MetricsLog, TensorBoardLog, read_events
+from trainlab.engine.logs import ARRAYS_FILE, EventLog, MetricsLog, TensorBoardLog, read_events
 from trainlab.engine.memory import MemoryGuard
 from trainlab.engine.progress import Progress
 from trainlab.engine.rundir import write_status
@@ -111,12 +111,16 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model = self.exp.build_model(cfg).to(device)
         self.model.train()
+        self.events = EventLog(self.run_dir)
+        self.arrays = EventLog(self.run_dir, ARRAYS_FILE)
         self.data = self.exp.build_data(cfg, device)
+        attach = getattr(self.data, "attach", None)
+        if callable(attach):  # a data stream may report events (a restarted producer, say)
+            attach(self.events.write)
         self.optimizer = build_optimizer(cfg.optim, self.model, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.curriculum = Curriculum(cfg.curriculum, device)
         self.guard = MemoryGuard(cfg.memory, device)
-        self.events = EventLog(self.run_dir)
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.ckpt.keep, self.events.write)
         self.attempt = 1 + sum(e.get("kind") in ("start", "resume") for e in read_events(self.events.path))
         self.interval = _Interval()
@@ -133,7 +137,7 @@ class Trainer:
         cols += list(self.exp.train_metrics) + list(self.exp.eval_metrics)
         cols += [f"w_{name}" for name in cfg.schedule.loss_weights]
         if self.curriculum.enabled:
-            cols += [cfg.curriculum.name, "phase", "gate", "gate_mean"]
+            cols += [cfg.curriculum.name, "phase", "threshold", "gate_mean"]  # seed 002's column names
         if self.precision == "fp16":
             cols += ["amp_scale", "amp_skipped"]
         cols += [f"{self.exp.throughput_unit}_per_s", "ram_gb", "peak_ram_gb", "dev_mem_gb", "peak_dev_mem_gb"]
@@ -147,7 +151,12 @@ class Trainer:
                                "precision": self.precision, "pid": os.getpid()})
             return
         state = self.store.load(ckpt, self.model, self.device)
+        # torch restores the saved hyperparameters with the state; the config is the truth, so a
+        # weight decay or betas changed on resume take effect (lr is set every step anyway)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, configured):
+            group.update(hyper)
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.curriculum.enabled and state.get("curriculum"):
@@ -259,12 +268,24 @@ class Trainer:
         self.step += 1
 
     # ------------------------------------------------------------------ evaluation and logging
-    def _evaluate(self) -> dict[str, torch.Tensor]:
+    def _evaluate(self, level: float | None) -> dict[str, torch.Tensor]:
         self.model.eval()
         with torch.no_grad(), autocast_context(self.precision, self.device):
-            out = self.exp.evaluate(self.model, self.data, self.cfg)
+            out = self.exp.evaluate(self.model, self.data, self.cfg, level)
         self.model.train()
         return out
+
+    def _phase_end_eval(self, promotion: dict) -> None:
+        """Evaluate at the level just left: the phase's final held-out numbers and maps."""
+        out = self._evaluate(promotion["from_value"])
+        scalars = {k: round(float(v), 6) for k, v in out.items() if v.numel() == 1}
+        self.events.write({"kind": "phase_end_eval", "step": self.step, "phase": promotion["from_phase"],
+                           "level": promotion["from_value"], **scalars})
+        for k, v in out.items():
+            if v.numel() > 1:
+                self.arrays.write({"step": self.step, "name": k, "tag": f"phase_end_{promotion['from_phase']}",
+                                   "level": promotion["from_value"], "shape": list(v.shape),
+                                   "values": [round(x, 6) for x in v.detach().float().flatten().tolist()]})
 
     def _log_row(self, eval_metrics: dict[str, torch.Tensor], elapsed: float, dt: float, steps_in_dt: int) -> dict:
         """Build the row: the one host sync of this log interval."""
@@ -275,8 +296,12 @@ class Trainer:
             names.append("grad_norm_max")
             tensors.append(self.interval.grad_norm_max)
         for k, v in eval_metrics.items():
-            names.append(k)
-            tensors.append(v.detach().float().reshape(()))
+            if v.numel() == 1:
+                names.append(k)
+                tensors.append(v.detach().float().reshape(()))
+            else:  # maps and histograms go to eval_arrays.jsonl, not into the CSV
+                self.arrays.write({"step": self.step, "name": k, "shape": list(v.shape),
+                                   "values": [round(x, 6) for x in v.detach().float().flatten().tolist()]})
         if self.precision == "fp16":
             names += ["amp_scale", "amp_skipped"]
             tensors += [self.scaler._scale.float().reshape(()), self.amp_skipped.reshape(())]
@@ -288,7 +313,7 @@ class Trainer:
         if self.curriculum.enabled:
             row[self.cfg.curriculum.name] = self.curriculum.level
             row["phase"] = self.curriculum.phase
-            row["gate"] = self.cfg.curriculum.gates[self.curriculum.phase]
+            row["threshold"] = self.cfg.curriculum.gates[self.curriculum.phase]
             row["gate_mean"] = self.curriculum.running_mean()
         unit = self.exp.items_per_sample(self.cfg) * self.cfg.train.micro_batch * self.cfg.train.accum
         row[f"{self.exp.throughput_unit}_per_s"] = round(unit * steps_in_dt / dt, 2) if dt > 0 else None
@@ -328,7 +353,7 @@ class Trainer:
                 self._train_step(params)
                 is_last = self.step == total
                 do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
-                eval_metrics = self._evaluate() if do_eval else {}
+                eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
                 if self.step % cfg.log.every == 0 or is_last or do_eval:
                     now = time.monotonic()
                     row = self._log_row(eval_metrics, self.elapsed_before + now - t0, now - last_log_t,
@@ -342,6 +367,8 @@ class Trainer:
                     promotion = self.curriculum.maybe_promote(self.step)
                     if promotion:
                         self.events.write(promotion)
+                        if cfg.eval.on_promotion:
+                            self._phase_end_eval(promotion)
                 if self.step % cfg.memory.every == 0:
                     problem = self.guard.check(self.events.write)
                     if problem:
@@ -376,6 +403,7 @@ class Trainer:
                          attempt=self.attempt)
             metrics_log.close()
             self.events.close()
+            self.arrays.close()
             if tb:
                 tb.close()
             close = getattr(self.data, "close", None)

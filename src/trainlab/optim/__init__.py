@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from trainlab.config import OptimConfig
+from trainlab.optim.galore import GaLoreAdamW, GaLoreLion, optimizer_state_bytes  # noqa: F401 (re-exported)
 from trainlab.optim.lion import Lion
 
 
@@ -23,9 +24,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    dtype = torch.bfloat16 if cfg.momentum_dtype == "bf16" else None
+    if cfg.galore_rank > 0:
+        # GaLore projects only the 2-D weights wider than the rank; the rest of each group
+        # (biases, norms, small matrices) is stepped at full rank by the same rule
+        galore = dict(rank=cfg.galore_rank, update_every=cfg.galore_update_every, scale=cfg.galore_scale)
+        if cfg.name == "adamw":
+            return GaLoreAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **galore)
+        return GaLoreLion(groups, lr=cfg.lr, betas=cfg.betas, momentum_dtype=dtype, **galore)
     if cfg.name == "adamw":
         # fused kernels on CUDA: one launch for all parameters instead of one per tensor
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                  fused=device.type == "cuda")
-    dtype = torch.bfloat16 if cfg.momentum_dtype == "bf16" else None
     return Lion(groups, lr=cfg.lr, betas=cfg.betas, momentum_dtype=dtype)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from trainlab.optim.state_dtypes import restore_buffer_dtypes
+
 
 class Lion(Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
@@ -21,6 +23,11 @@ class Lion(Optimizer):
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
         self.momentum_dtype = momentum_dtype
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.momentum_dtype is not None:
+            restore_buffer_dtypes(self, state_dict, lambda p, saved: {"exp_avg": self.momentum_dtype})
 
     @torch.no_grad()
     def step(self, closure=None):
