@@ -252,16 +252,18 @@ def test_resume_case_really_had_a_finished_run(bad_outcomes):
 def test_list_prints_each_preset_on_its_own_line(tmp_path):
     from trainlab.experiment import registry
 
-    exp = registry()["modadd"]
     proc = run_cli(tmp_path, "list")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
-    listed = [m.group(1) for m in (re.match(r"\s+modadd --preset (\w+)\b", ln) for ln in lines) if m]
-    assert listed == list(exp.presets), proc.stdout
-    assert {"smoke", "quick", "grok"} <= set(listed)
-    defaults = [ln for ln in lines if "(default)" in ln]
-    assert len(defaults) == 1 and f"--preset {exp.default_preset} (default)" in defaults[0], proc.stdout
+    for exp in registry().values():
+        assert f"{exp.name}: {exp.description}" in lines
+        mine = [ln for ln in lines if ln.startswith(f"  {exp.name} --preset ")]
+        listed = [re.match(rf"\s+{exp.name} --preset (\w+)\b", ln).group(1) for ln in mine]
+        assert listed == list(exp.presets), proc.stdout
+        defaults = [ln for ln in mine if "(default)" in ln]
+        assert len(defaults) == 1 and f"--preset {exp.default_preset} (default)" in defaults[0], proc.stdout
+    assert {"smoke", "quick", "grok"} <= set(registry()["modadd"].presets)
     assert list(tmp_path.iterdir()) == []
 
 

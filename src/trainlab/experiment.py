@@ -59,6 +59,9 @@ class Experiment(abc.ABC):
     eval_metrics: tuple[str, ...] = ()
     # Number of samples in a micro-batch's worth of "items" for throughput (tokens, samples).
     throughput_unit: str = "samples"
+    # 2-D evaluation arrays to draw as heatmaps (plots/<name>-<tag>.svg) at the end of each
+    # curriculum phase and of the run: name -> {title, rows, cols, lo, hi} (labels and colour range).
+    heatmaps: dict[str, dict] = {}
 
     def check_config(self, cfg: Any) -> None:
         """Cross-section rules of this experiment; raise ConfigError. Called after typing.

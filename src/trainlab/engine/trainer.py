@@ -41,6 +41,7 @@ from trainlab.engine.state import rng_state, seed_everything, set_rng_state
 from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped
 from trainlab.experiment import Experiment, StepContext
 from trainlab.optim import build_optimizer
+from trainlab.report.heatmap import svg_heatmap
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -281,11 +282,26 @@ class Trainer:
         scalars = {k: round(float(v), 6) for k, v in out.items() if v.numel() == 1}
         self.events.write({"kind": "phase_end_eval", "step": self.step, "phase": promotion["from_phase"],
                            "level": promotion["from_value"], **scalars})
+        tag = f"phase_end_{promotion['from_phase']}"
         for k, v in out.items():
             if v.numel() > 1:
-                self.arrays.write({"step": self.step, "name": k, "tag": f"phase_end_{promotion['from_phase']}",
+                self.arrays.write({"step": self.step, "name": k, "tag": tag,
                                    "level": promotion["from_value"], "shape": list(v.shape),
                                    "values": [round(x, 6) for x in v.detach().float().flatten().tolist()]})
+        self._draw(out, f"{tag}-step{self.step}", f"phase {promotion['from_phase']} "
+                   f"({self.cfg.curriculum.name} {promotion['from_value']:g}), step {self.step}")
+
+    def _draw(self, out: dict[str, torch.Tensor], tag: str, caption: str) -> None:
+        """2-D arrays the experiment names in `heatmaps` become SVG pictures in plots/."""
+        for name, view in self.exp.heatmaps.items():
+            value = out.get(name)
+            if value is None or value.dim() != 2:
+                continue
+            svg = svg_heatmap(value.detach().float().cpu().tolist(), f"{view.get('title', name)}: {caption}",
+                              view.get("rows"), view.get("cols"), view.get("lo", 0.0), view.get("hi", 1.0))
+            plots = self.run_dir / "plots"
+            plots.mkdir(exist_ok=True)
+            (plots / f"{name}-{tag}.svg").write_text(svg, encoding="utf-8")
 
     def _log_row(self, eval_metrics: dict[str, torch.Tensor], elapsed: float, dt: float, steps_in_dt: int) -> dict:
         """Build the row: the one host sync of this log interval."""
@@ -354,6 +370,8 @@ class Trainer:
                 is_last = self.step == total
                 do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
                 eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
+                if is_last and eval_metrics:
+                    self._draw(eval_metrics, f"final-step{self.step}", f"end of run, step {self.step}")
                 if self.step % cfg.log.every == 0 or is_last or do_eval:
                     now = time.monotonic()
                     row = self._log_row(eval_metrics, self.elapsed_before + now - t0, now - last_log_t,

@@ -121,6 +121,9 @@ class Sha256(Experiment):
     train_metrics = ("acc", "accuracy", "word_acc", "exact_acc")
     eval_metrics = ("val_loss", "val_acc", "val_word_acc", "val_exact_acc")
     default_preset = "quick"
+    heatmaps = {"bit_acc_map": {
+        "title": "per-bit accuracy (rows a..h, columns bit 31..0)", "rows": list("abcdefgh"),
+        "cols": [str(31 - j) for j in range(32)], "lo": 0.5, "hi": 1.0}}
     presets = {
         "smoke": Preset("seconds on CPU, for tests: a tiny model, rounds 1 -> 2 -> 4 with open gates", {
             "train": {"steps": 30, "micro_batch": 64},

@@ -1,0 +1,1 @@
+"""Rendering of run directories: pictures now, full reports later."""
