@@ -96,3 +96,24 @@ def test_no_segment_left_after_the_trainer_stops(tmp_path: Path, sig):
     assert _segments(proc.pid) == []
     kinds = [e["kind"] for e in read_events(tmp_path / "r" / "events.jsonl")]
     assert kinds[0] == "start"
+
+
+def test_producer_killed_during_a_real_run_is_restarted_and_the_run_stays_exact(tmp_path: Path):
+    import psutil
+
+    from conftest import history, trainlab
+
+    run = [*SHM_RUN[:5], "120", *SHM_RUN[6:]]  # 120 steps
+    trainlab(*run, "--run-dir", "ref", cwd=tmp_path, check=True)
+    proc = spawn(*run, "--run-dir", "r", cwd=tmp_path)
+    _wait_rows(tmp_path / "r", proc, 10)
+    producers = [c for c in psutil.Process(proc.pid).children()
+                 if not any("resource_tracker" in part for part in c.cmdline())]
+    assert producers, "no producer processes found"
+    producers[0].kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    restarted = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e["kind"] == "producer_restarted"]
+    assert len(restarted) == 1 and restarted[0]["exitcode"] == -signal.SIGKILL
+    assert history(tmp_path / "r") == history(tmp_path / "ref")  # the batches did not change
+    assert _segments(proc.pid) == []
