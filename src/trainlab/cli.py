@@ -23,12 +23,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _add_target_options(p: argparse.ArgumentParser) -> None:
+def _add_target_options(p: argparse.ArgumentParser, steps_help: str = "shorthand for --set train.steps=N") -> None:
     p.add_argument("target", help="experiment name (trainlab list) or a YAML config file")
     p.add_argument("--preset", help="preset of the experiment (default: the experiment's default)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
-    p.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
+    p.add_argument("--steps", type=int, help=steps_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     run.add_argument("--fresh", action="store_true",
                      help="start from step 0; an existing run directory is moved aside, never deleted")
+
+    pre = sub.add_parser("preflight", help="a short real run, measured: is this run worth its GPU hours?")
+    _add_target_options(pre, steps_help="steps of the preflight run (default 200; its config's train.steps "
+                                        "is the planned length)")
+    pre.add_argument("--run-dir", help="where the preflight runs (default: runs/<experiment>-<preset>-preflight; "
+                                       "an old one is moved aside)")
+    pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    pre.add_argument("--planned-steps", type=int, help="steps of the real run, for the ETA and the projection "
+                                                       "(default: train.steps)")
+    pre.add_argument("--max-seconds", type=float, default=300.0, help="time budget of the preflight run")
+
+    check = sub.add_parser("check", help="run the health detectors over a run directory's metrics")
+    check.add_argument("run_dir")
+
+    report = sub.add_parser("report", help="write report.md and report.html for a run directory")
+    report.add_argument("run_dir")
 
     runs = sub.add_parser("runs", help="the runs under a root with their status")
     runs.add_argument("root", nargs="?", default="runs")
@@ -156,7 +172,75 @@ def cmd_runs(args) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "runs": cmd_runs, "config": cmd_config}
+PREFLIGHT_DEFAULT_STEPS = 200
+
+
+def cmd_preflight(args) -> int:
+    from trainlab.config import dump_yaml
+    from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside
+    from trainlab.health.preflight import run_preflight
+    from trainlab.launch import default_run_dir, load_target, resolve_device
+
+    experiment, cfg = load_target(args.target, args.preset, args.sets, None)
+    steps = args.steps if args.steps is not None else PREFLIGHT_DEFAULT_STEPS
+    if steps < 20:
+        raise UsageError(f"--steps {steps}: a preflight needs at least 20 steps to measure a trend")
+    planned = args.planned_steps if args.planned_steps is not None else cfg.train.steps
+    if planned < 1:
+        raise UsageError(f"--planned-steps {planned}: must be >= 1")
+    if args.max_seconds <= 0:
+        raise UsageError(f"--max-seconds {args.max_seconds}: must be > 0")
+    device = resolve_device(args.device)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(f"{default_run_dir(cfg)}-preflight")
+    check_usable(run_dir)
+    if has_run(run_dir):
+        RunLock(run_dir).acquire_and_release()
+        moved = move_aside(run_dir)
+        print(f"trainlab: the previous preflight was moved to {moved}", file=sys.stderr)
+    run_dir.mkdir(parents=True)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
+        result = run_preflight(experiment, cfg, device, run_dir, steps, planned, args.max_seconds)
+    finally:
+        lock.release()
+    width = max(len(c.name) for c in result.claims)
+    for c in result.claims:
+        print(f"  {c.name.ljust(width)}  {c.verdict.upper():12s} {c.value}")
+    why = f": {'; '.join(result.reasons)}" if result.reasons else ""
+    print(f"trainlab: preflight {result.verdict}{why} -> {run_dir / 'report.md'}")
+    return 0 if result.verdict == "READY" else EXIT_STOPPED
+
+
+def cmd_check(args) -> int:
+    from trainlab.health.check import check_run
+
+    run_dir = Path(args.run_dir)
+    alerts, claims = check_run(run_dir)
+    width = max(len(c.name) for c in claims)
+    for c in claims:
+        print(f"  {c.name.ljust(width)}  {c.verdict.upper():12s} {c.value}")
+    serious = [a for a in alerts if a["severity"] in ("critical", "warn")]
+    print(f"trainlab: check {run_dir}: {len(alerts)} alerts, {len(serious)} of them warnings or worse "
+          f"-> {run_dir / 'check.json'}")
+    return EXIT_STOPPED if serious else 0
+
+
+def cmd_report(args) -> int:
+    from trainlab.health.evidence import claims_for
+    from trainlab.report.render import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.csv").is_file():
+        raise UsageError(f"run directory {run_dir}: no metrics.csv (not a trainlab run directory?)")
+    md, html = write_report(run_dir, claims_for(run_dir))
+    print(f"trainlab: wrote {md} and {html}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "runs": cmd_runs, "config": cmd_config,
+            "preflight": cmd_preflight, "check": cmd_check, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

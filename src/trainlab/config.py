@@ -171,6 +171,40 @@ class MemoryConfig:
     pause_s: float = knob(0.0, "seconds to wait for memory to drain before stopping; 0 = stop at once", ge=0)
 
 
+Policy = Literal["off", "warn", "stop", "rollback"]
+
+
+@dataclass
+class HealthConfig:
+    divergence: Policy = knob("warn", "a sustained loss rise, or the loss back above the baseline after being below")
+    spike: Policy = knob("warn", "a loss jump far outside recent statistics")
+    plateau: Policy = knob("warn", "no significant improvement over plateau_window rows")
+    stuck: Policy = knob("warn", "loss statistically indistinguishable from the random baseline after warm-up")
+    collapse: Policy = knob("warn", "collapse_metric below collapse_min, rank_metric falling, or bounds violated")
+    grad_regime: Policy = knob("warn", "a change of the gradient-norm level by grad_regime_ratio or more")
+    grokking: Literal["off", "warn"] = knob("warn", "report memorisation and generalisation steps (an event, no action)")
+    window: int = knob(20, "rows (log steps) the trend and spike statistics look back over", ge=5)
+    alpha: float = knob(0.01, "significance level of the trend and baseline tests", gt=0, lt=0.5)
+    warmup_fraction: float = knob(0.1, "fraction of train.steps before stuck/plateau/divergence may fire", ge=0, lt=1)
+    spike_z: float = knob(6.0, "robust z-score of a spike (OLMo uses 6 sigma)", gt=0)
+    spike_ratio: float = knob(1.5, "and the loss must exceed this multiple of the recent median", ge=1)
+    plateau_window: int = knob(50, "rows without significant improvement that make a plateau", ge=10)
+    plateau_min_improvement: float = knob(0.01, "relative loss improvement over the plateau window that counts", ge=0)
+    collapse_metric: str = knob("", "a metric that collapses toward 0 (e.g. distinct_preds); empty = none")
+    collapse_min: float = knob(10.0, "collapse when collapse_metric falls below this (seed 004: 10 tokens)")
+    rank_metric: str = knob("", "an effective-rank metric (RankMe) to watch; empty = none")
+    rank_drop: float = knob(0.5, "collapse when rank_metric falls below this fraction of its maximum", gt=0, lt=1)
+    bounds: dict[str, tuple[float, float]] = knob(factory=dict, help=(
+        "allowed [low, high] of metrics, e.g. {residual_rms: [0.01, 10]} (seed 000's residual bounds)"))
+    grad_regime_ratio: float = knob(3.0, "level change of the gradient norm that counts as a new regime", gt=1)
+    grok_train_metric: str = knob("acc", "training accuracy metric for grokking")
+    grok_val_metric: str = knob("val_acc", "validation accuracy metric for grokking")
+    grok_train_level: float = knob(0.99, "training accuracy that marks memorisation", gt=0, le=1)
+    grok_val_level: float = knob(0.9, "validation accuracy that marks generalisation", gt=0, le=1)
+    rollback_lr_factor: float = knob(0.5, "rollback policy: LR multiplied by this after reloading", gt=0, lt=1)
+    rollback_max: int = knob(3, "rollback policy: retries before the run stops", ge=1)
+
+
 @dataclass
 class RunConfig:
     experiment: str = knob("modadd", "experiment name (trainlab list)")
@@ -183,11 +217,12 @@ class RunConfig:
     ckpt: CkptConfig = knob(factory=CkptConfig, help="checkpoints")
     curriculum: CurriculumConfig = knob(factory=CurriculumConfig, help="accuracy-gated phases")
     memory: MemoryConfig = knob(factory=MemoryConfig, help="memory guard")
+    health: HealthConfig = knob(factory=HealthConfig, help="live health detectors and their policies")
     model: Any = knob(None, "the experiment's model section")
     data: Any = knob(None, "the experiment's data section")
 
 
-SHARED_SECTIONS = ("train", "optim", "schedule", "log", "eval", "ckpt", "curriculum", "memory")
+SHARED_SECTIONS = ("train", "optim", "schedule", "log", "eval", "ckpt", "curriculum", "memory", "health")
 
 
 # --------------------------------------------------------------------------------------------

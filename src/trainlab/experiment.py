@@ -59,6 +59,9 @@ class Experiment(abc.ABC):
     eval_metrics: tuple[str, ...] = ()
     # Number of samples in a micro-batch's worth of "items" for throughput (tokens, samples).
     throughput_unit: str = "samples"
+    # The loss cannot go below this (0 for cross-entropy); curve projections respect it.  None for a
+    # loss that can be negative (a continuous likelihood, say).
+    loss_lower_bound: float | None = 0.0
     # 2-D evaluation arrays to draw as heatmaps (plots/<name>-<tag>.svg) at the end of each
     # curriculum phase and of the run: name -> {title, rows, cols, lo, hi} (labels and colour range).
     heatmaps: dict[str, dict] = {}

@@ -183,9 +183,12 @@ class CheckpointStore:
         self.on_event({"kind": "checkpoint_corrupt", "path": str(path), "reason": reason,
                        "moved_to": str(target)})
 
-    def latest_valid(self) -> Checkpoint | None:
-        """The newest whole checkpoint; broken newer ones are set aside with an event each."""
+    def latest_valid(self, before_step: int | None = None) -> Checkpoint | None:
+        """The newest whole checkpoint (older than `before_step` if given); broken newer ones are set
+        aside with an event each."""
         for path in reversed(self.complete_dirs()):
+            if before_step is not None and int(path.name[5:]) >= before_step:
+                continue
             problem = self.verify(path)
             if problem is None:
                 manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))

@@ -33,13 +33,15 @@ from trainlab.config import RunConfig
 from trainlab.engine import schedules
 from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.curriculum import Curriculum
-from trainlab.engine.logs import ARRAYS_FILE, EventLog, MetricsLog, TensorBoardLog, read_events
+from trainlab.engine.logs import (ARRAYS_FILE, METRICS_FILE, EventLog, MetricsLog, TensorBoardLog, read_events,
+                                  read_metrics)
 from trainlab.engine.memory import MemoryGuard
 from trainlab.engine.progress import Progress
 from trainlab.engine.rundir import write_status
 from trainlab.engine.state import rng_state, seed_everything, set_rng_state
 from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped
 from trainlab.experiment import Experiment, StepContext
+from trainlab.health.monitor import HealthMonitor
 from trainlab.optim import build_optimizer
 from trainlab.report.heatmap import svg_heatmap
 
@@ -93,7 +95,8 @@ class _Interval:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, experiment: Experiment, run_dir: Path, device: torch.device):
+    def __init__(self, cfg: RunConfig, experiment: Experiment, run_dir: Path, device: torch.device,
+                 observers: list | None = None, max_seconds: float | None = None):
         self.cfg = cfg
         self.exp = experiment
         self.run_dir = run_dir
@@ -101,6 +104,11 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, device)
         self._signal: tuple[str, int] | None = None
         self.pending_events: list[dict] = []  # events decided before the log opened (config changes)
+        # Observers (preflight's probe, health monitors) may define before_update(trainer),
+        # after_update(trainer) and on_row(trainer, row); none are called when there are none.
+        self.observers = list(observers or [])
+        self.max_seconds = max_seconds  # a time budget: the run ends early, as if at its last step
+        self.last_step_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -131,6 +139,12 @@ class Trainer:
         self.last_values: dict[str, float] = {}
         self.amp_skipped = torch.zeros((), device=device)
         self.last_lr = cfg.optim.lr
+        self.lr_scale = 1.0  # scaled down by rollbacks
+        self.rollbacks = 0
+        self._stop_request: str | None = None
+        self._rollback_request: dict | None = None
+        self.monitor = HealthMonitor(cfg, self.exp.baseline_loss(cfg))
+        self._on_row.append(self.monitor.on_row)
 
     def _columns(self) -> list[str]:
         cfg = self.cfg
@@ -151,7 +165,14 @@ class Trainer:
             self.events.write({"kind": "start", "attempt": self.attempt, "device": str(self.device),
                                "precision": self.precision, "pid": os.getpid()})
             return
-        state = self.store.load(ckpt, self.model, self.device)
+        self._restore(self.store.load(ckpt, self.model, self.device))
+        self.monitor.replay([r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step])
+        self.events.write({"kind": "resume", "attempt": self.attempt, "step": self.step,
+                           "checkpoint": str(ckpt.path), "device": str(self.device), "pid": os.getpid(),
+                           "curriculum_phase": self.curriculum.phase if self.curriculum.enabled else None})
+
+    def _restore(self, state: dict) -> None:
+        """Everything but the weights (already loaded) from a checkpoint's state."""
         # torch restores the saved hyperparameters with the state; the config is the truth, so a
         # weight decay or betas changed on resume take effect (lr is set every step anyway)
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -169,9 +190,36 @@ class Trainer:
         self.elapsed_before = float(state["elapsed_s"])
         self.best_value = state.get("best_value")
         self.last_values = dict(state.get("last_values", {}))
-        self.events.write({"kind": "resume", "attempt": self.attempt, "step": self.step,
-                           "checkpoint": str(ckpt.path), "device": str(self.device), "pid": os.getpid(),
-                           "curriculum_phase": self.curriculum.phase if self.curriculum.enabled else None})
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+
+    # ------------------------------------------------------------------ health policies
+    def request_stop(self, reason: str) -> None:
+        self._stop_request = reason
+
+    def request_rollback(self, alert: dict) -> None:
+        self._rollback_request = alert
+
+    def _rollback(self, alert: dict) -> None:
+        """Reload the newest whole checkpoint from before the alert's onset, scale the LR, go on."""
+        health = self.cfg.health
+        if self.rollbacks >= health.rollback_max:
+            raise TrainingStopped(f"health policy: {alert['message']}; stopped after {self.rollbacks} rollbacks "
+                                  f"(health.rollback_max={health.rollback_max})")
+        onset = int(alert.get("evidence", {}).get("onset_step", alert["step"]))
+        ckpt = self.store.latest_valid(before_step=onset)
+        if ckpt is None:
+            raise TrainingStopped(f"health policy: {alert['message']}; rollback found no checkpoint before "
+                                  f"step {onset}")
+        rollbacks = self.rollbacks
+        self._restore(self.store.load(ckpt, self.model, self.device))
+        self.rollbacks = rollbacks + 1
+        self.lr_scale *= health.rollback_lr_factor
+        self.monitor.reset()
+        self.monitor.replay([r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step])
+        self.events.write({"kind": "rollback", "step": self.step, "from_step": alert["step"],
+                           "detector": alert["detector"], "checkpoint": str(ckpt.path), "lr_scale": self.lr_scale,
+                           "rollback": self.rollbacks})
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, elapsed: float) -> dict:
@@ -186,6 +234,8 @@ class Trainer:
             "elapsed_s": elapsed,
             "best_value": self.best_value,
             "last_values": self.last_values,
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
         }
 
     def _is_best(self) -> bool:
@@ -220,7 +270,7 @@ class Trainer:
     def _train_step(self, params: list[torch.nn.Parameter]) -> None:
         cfg = self.cfg
         total = cfg.train.steps
-        lr = cfg.optim.lr * schedules.lr_multiplier(cfg.schedule, self.step, total)
+        lr = cfg.optim.lr * self.lr_scale * schedules.lr_multiplier(cfg.schedule, self.step, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         ctx = StepContext(step=self.step, level=self.curriculum.level,
@@ -248,12 +298,17 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip, foreach=None)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads)
+        for hook in self._before_update:  # gradients are unscaled and clipped here
+            hook(self)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scaler.is_enabled():
             # the scale shrinks exactly when the step was skipped for inf/nan gradients
             self.amp_skipped += (self.scaler._scale < scale_before).float().squeeze()
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_step_loss = step_loss
+        for hook in self._after_update:
+            hook(self)
 
         self.interval.add("loss", step_loss)
         self.interval.add("grad_norm", grad_norm)
@@ -343,6 +398,9 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def fit(self) -> RunResult:
         cfg = self.cfg
+        self._before_update = [o.before_update for o in self.observers if hasattr(o, "before_update")]
+        self._after_update = [o.after_update for o in self.observers if hasattr(o, "after_update")]
+        self._on_row = [o.on_row for o in self.observers if hasattr(o, "on_row")]
         self._setup()
         self._resume()
         for event in self.pending_events:
@@ -366,8 +424,12 @@ class Trainer:
         state, reason = "finished", ""
         try:
             while self.step < total:
+                if self._rollback_request is not None:
+                    alert, self._rollback_request = self._rollback_request, None
+                    self._rollback(alert)
                 self._train_step(params)
-                is_last = self.step == total
+                out_of_time = self.max_seconds is not None and time.monotonic() - t0 >= self.max_seconds
+                is_last = self.step == total or out_of_time
                 do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
                 eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
                 if is_last and eval_metrics:
@@ -381,12 +443,17 @@ class Trainer:
                     if tb:
                         tb.write(self.step, row)
                     progress.update(self.step, row, _steps_per_s(row, self.exp, cfg), final=is_last)
+                    for hook in self._on_row:
+                        hook(self, row)
                     self._check_finite(row)
                     promotion = self.curriculum.maybe_promote(self.step)
                     if promotion:
                         self.events.write(promotion)
                         if cfg.eval.on_promotion:
                             self._phase_end_eval(promotion)
+                if self._stop_request is not None:
+                    path = self._checkpoint(self.elapsed_before + time.monotonic() - t0, "health policy")
+                    raise TrainingStopped(f"{self._stop_request}; checkpoint saved to {path}")
                 if self.step % cfg.memory.every == 0:
                     problem = self.guard.check(self.events.write)
                     if problem:
@@ -401,6 +468,9 @@ class Trainer:
                     raise Interrupted(name, code)
                 if is_last or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
                     self._checkpoint(self.elapsed_before + time.monotonic() - t0, "final" if is_last else "periodic")
+                if out_of_time:
+                    reason = f"time budget of {self.max_seconds:g} s reached at step {self.step}"
+                    break
         except TrainingStopped as exc:
             state, reason = "stopped", str(exc)
             raise

@@ -1,0 +1,1 @@
+"""Health of a run: preflight checks, live detectors and the statistics they rest on."""

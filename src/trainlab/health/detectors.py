@@ -1,0 +1,314 @@
+"""Live health detectors: small objects fed the metrics row at each log step.
+
+Each detector's `update(step, row)` returns alerts -- dicts with kind "alert", the detector's name,
+the step, a severity, a message with its numbers, and the evidence -- which the monitor writes to
+events.jsonl and acts on by the detector's policy (health.<name>: off | warn | stop | rollback).
+A detector fires when its condition begins and re-arms once it clears, so a condition that lasts
+is one alert, not one per row.  The same objects run offline over metrics.csv (`trainlab check`).
+
+Statistics come from health/stats.py: Mann-Kendall with the Hamed-Rao autocorrelation correction
+for trends, batch means for "is the level at the baseline", robust z-scores for spikes, and a
+two-segment likelihood ratio for gradient-norm regime changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+from trainlab.config import HealthConfig
+from trainlab.health import stats
+
+
+def _num(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+class Detector:
+    name = ""
+    severity = "warn"
+
+    def __init__(self, cfg: HealthConfig, baseline: float, total_steps: int):
+        self.cfg = cfg
+        self.baseline = baseline
+        self.total_steps = total_steps
+        self.active = False  # the condition holds now (fired, not yet cleared)
+        self.checked = 0  # rows at which the statistic could be computed (a full window, past warm-up)
+        self.needs = "a full window"  # what an unchecked detector lacked, for "not measured"
+
+    def alert(self, step: int, message: str, **evidence: Any) -> dict:
+        return {"kind": "alert", "detector": self.name, "step": step, "severity": self.severity,
+                "message": message, "evidence": evidence}
+
+    def edge(self, step: int, condition: bool, message: str, **evidence: Any) -> list[dict]:
+        """Fire on the rising edge of `condition`; re-arm when it clears."""
+        self.checked += 1
+        if condition and not self.active:
+            self.active = True
+            return [self.alert(step, message, **evidence)]
+        if not condition:
+            self.active = False
+        return []
+
+    def past_warmup(self, step: int) -> bool:
+        return step >= self.cfg.warmup_fraction * self.total_steps
+
+    def update(self, step: int, row: dict) -> list[dict]:
+        return []
+
+
+class NonFinite(Detector):
+    name, severity = "nonfinite", "critical"
+
+    def update(self, step, row):
+        bad = [k for k in ("loss", "grad_norm") if (v := _num(row, k)) is not None and not math.isfinite(v)]
+        return self.edge(step, bool(bad), "non-finite " + ", ".join(f"{k}={row[k]}" for k in bad), columns=bad)
+
+
+class Divergence(Detector):
+    """A significant upward trend over the window that took the loss above its best by 10 %, or the
+    loss back above the baseline (significantly) after having been significantly below it."""
+
+    name, severity = "divergence", "critical"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.losses: deque[float] = deque(maxlen=self.cfg.window)
+        self.best = math.inf
+        self.was_below = False
+
+    def update(self, step, row):
+        loss = _num(row, "loss")
+        if loss is None or not math.isfinite(loss):
+            return []
+        self.losses.append(loss)
+        self.best = min(self.best, loss)
+        if len(self.losses) < self.losses.maxlen:
+            return []
+        window = list(self.losses)
+        level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
+        if level.below:
+            self.was_below = True
+        trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
+        rising = trend.trend == "increasing" and window[-1] > 1.1 * self.best and self.past_warmup(step)
+        back_above = self.was_below and level.above
+        why = ("a sustained rise" if rising else "back above the baseline") if (rising or back_above) else ""
+        return self.edge(step, rising or back_above,
+                         f"divergence ({why}): loss {_fmt(window[0])} -> {_fmt(window[-1])} over {len(window)} rows, "
+                         f"best {_fmt(self.best)}, baseline {_fmt(self.baseline)}",
+                         p_value=trend.p_value, sen_slope=trend.sen_slope, window_mean=level.mean,
+                         window_ci=list(level.ci), best=self.best, onset_step=step)
+
+
+class Spike(Detector):
+    """A loss far outside the recent statistics: robust z > spike_z (OLMo uses 6 sigma) and above
+    spike_ratio x the recent median (a relative tolerance, as Lightning's SpikeDetection has)."""
+
+    name = "spike"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.history: deque[float] = deque(maxlen=self.cfg.window)
+
+    def update(self, step, row):
+        loss = _num(row, "loss")
+        if loss is None or not math.isfinite(loss):
+            return []
+        out = []
+        if len(self.history) >= max(5, self.history.maxlen // 2):
+            z = stats.robust_z(loss, list(self.history))
+            median = sorted(self.history)[len(self.history) // 2]
+            spike = z > self.cfg.spike_z and loss > self.cfg.spike_ratio * median
+            out = self.edge(step, spike, f"loss spike: {_fmt(loss)} vs recent median {_fmt(median)} (robust z {_fmt(z)})",
+                            z=z, median=median, value=loss)
+        self.history.append(loss)
+        return out
+
+
+class Plateau(Detector):
+    """No significant decrease and less than plateau_min_improvement relative improvement over the
+    last plateau_window rows."""
+
+    name, severity = "plateau", "info"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.losses: deque[float] = deque(maxlen=self.cfg.plateau_window)
+
+    def update(self, step, row):
+        loss = _num(row, "loss")
+        if loss is None or not math.isfinite(loss):
+            return []
+        self.losses.append(loss)
+        if len(self.losses) < self.losses.maxlen or not self.past_warmup(step):
+            return []
+        window = list(self.losses)
+        trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
+        k = max(3, len(window) // 5)
+        first, last = sum(window[:k]) / k, sum(window[-k:]) / k
+        improvement = (first - last) / abs(first) if first else 0.0
+        flat = trend.trend != "decreasing" and improvement < self.cfg.plateau_min_improvement
+        return self.edge(step, flat, f"plateau: {len(window)} rows without significant improvement "
+                                     f"({_fmt(100 * improvement)} %, Mann-Kendall p={_fmt(trend.p_value)})",
+                         improvement=improvement, p_value=trend.p_value, first=first, last=last)
+
+
+class StuckAtBaseline(Detector):
+    """After warm-up, the loss level is statistically indistinguishable from the random guess
+    (seed 000's "loss stuck at 0.6931")."""
+
+    name, severity = "stuck", "critical"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.losses: deque[float] = deque(maxlen=self.cfg.window)
+
+    def update(self, step, row):
+        loss = _num(row, "loss")
+        if loss is None or not math.isfinite(loss):
+            return []
+        self.losses.append(loss)
+        if len(self.losses) < self.losses.maxlen or not self.past_warmup(step):
+            return []
+        level = stats.mean_below(list(self.losses), self.baseline, alpha=self.cfg.alpha)
+        near = abs(level.mean - self.baseline) <= 0.02 * abs(self.baseline)
+        return self.edge(step, level.indistinguishable and near,
+                         f"stuck at the baseline: loss {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, {_fmt(level.ci[1])}] "
+                         f"contains the random guess {_fmt(self.baseline)}",
+                         mean=level.mean, ci=list(level.ci), baseline=self.baseline)
+
+
+class Collapse(Detector):
+    """Few distinct predictions (collapse_metric < collapse_min, seed 004), an effective rank
+    falling below rank_drop x its maximum (RankMe), or a metric leaving its bounds (seed 000)."""
+
+    name, severity = "collapse", "critical"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.rank_max = 0.0
+        self.states: dict[str, bool] = {}
+
+    def _edge(self, key: str, step: int, condition: bool, message: str, **evidence) -> list[dict]:
+        self.checked += 1
+        was = self.states.get(key, False)
+        self.states[key] = condition
+        return [self.alert(step, message, metric=key, **evidence)] if condition and not was else []
+
+    def update(self, step, row):
+        out = []
+        cfg = self.cfg
+        if cfg.collapse_metric and (v := _num(row, cfg.collapse_metric)) is not None:
+            out += self._edge(cfg.collapse_metric, step, v < cfg.collapse_min,
+                              f"collapse: {cfg.collapse_metric} = {_fmt(v)} < {_fmt(cfg.collapse_min)}", value=v)
+        if cfg.rank_metric and (v := _num(row, cfg.rank_metric)) is not None:
+            self.rank_max = max(self.rank_max, v)
+            out += self._edge(cfg.rank_metric, step, v < cfg.rank_drop * self.rank_max,
+                              f"collapse: {cfg.rank_metric} = {_fmt(v)} fell below {cfg.rank_drop:g} x its maximum "
+                              f"{_fmt(self.rank_max)}", value=v, maximum=self.rank_max)
+        for key, (lo, hi) in cfg.bounds.items():
+            if (v := _num(row, key)) is not None:
+                out += self._edge(key, step, not lo <= v <= hi,
+                                  f"out of bounds: {key} = {_fmt(v)} outside [{_fmt(lo)}, {_fmt(hi)}]", value=v,
+                                  bounds=[lo, hi])
+        return out
+
+
+class Grokking(Detector):
+    """Memorisation (train accuracy >= grok_train_level) while validation lags, then generalisation
+    (validation accuracy >= grok_val_level): reports both steps and the gap (seed 003 asks for this)."""
+
+    name, severity = "grokking", "info"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.memorised_at: int | None = None
+        self.val_at_memorisation: float | None = None
+        self.last_val: float | None = None
+        self.reported = False
+
+    def update(self, step, row):
+        cfg = self.cfg
+        train, val = _num(row, cfg.grok_train_metric), _num(row, cfg.grok_val_metric)
+        if val is not None:
+            self.last_val = val
+            self.checked += 1
+        if self.memorised_at is None and train is not None and train >= cfg.grok_train_level:
+            self.memorised_at = step
+            self.val_at_memorisation = self.last_val
+        if self.reported or self.memorised_at is None or val is None or val < cfg.grok_val_level:
+            return []
+        self.reported = True
+        lagged = self.val_at_memorisation is None or self.val_at_memorisation < cfg.grok_val_level
+        gap = step - self.memorised_at
+        kind = "grokking" if lagged and gap > 0 else "generalised with memorisation"
+        return [self.alert(step, f"{kind}: {cfg.grok_train_metric} >= {cfg.grok_train_level:g} at step "
+                                 f"{self.memorised_at}, {cfg.grok_val_metric} >= {cfg.grok_val_level:g} at step {step} "
+                                 f"(gap {gap} steps)",
+                           memorisation_step=self.memorised_at, generalisation_step=step, gap=gap,
+                           val_at_memorisation=self.val_at_memorisation)]
+
+
+class GradRegime(Detector):
+    """A change of the gradient-norm level by grad_regime_ratio or more within the last
+    2 x window rows (a two-segment likelihood-ratio split on log grad norm)."""
+
+    name = "grad_regime"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.norms: deque[float] = deque(maxlen=2 * self.cfg.window)
+        self.cooldown = 0
+
+    def update(self, step, row):
+        g = _num(row, "grad_norm")
+        if g is None or not math.isfinite(g) or g <= 0:
+            return []
+        self.norms.append(math.log(g))
+        if self.cooldown:
+            self.cooldown -= 1
+            return []
+        if len(self.norms) < self.norms.maxlen:
+            return []
+        cp = stats.change_point(list(self.norms))
+        self.checked += 1
+        if cp is None or not cp.significant:
+            return []
+        ratio = math.exp(cp.mean_after - cp.mean_before)
+        if max(ratio, 1 / ratio) < self.cfg.grad_regime_ratio:
+            return []
+        self.cooldown = self.norms.maxlen  # one alert per regime change
+        return [self.alert(step, f"gradient-norm regime change: level x{_fmt(ratio)} "
+                                 f"({_fmt(math.exp(cp.mean_before))} -> {_fmt(math.exp(cp.mean_after))}) "
+                                 f"{len(self.norms) - cp.index} rows ago", ratio=ratio, llr=cp.llr)]
+
+
+DETECTORS = (NonFinite, Divergence, Spike, Plateau, StuckAtBaseline, Collapse, Grokking, GradRegime)
+
+
+def policy_of(cfg: HealthConfig, name: str) -> str:
+    return "stop" if name == "nonfinite" else getattr(cfg, name)
+
+
+def build_detectors(cfg: HealthConfig, baseline: float, total_steps: int) -> list[Detector]:
+    return [cls(cfg, baseline, total_steps) for cls in DETECTORS if policy_of(cfg, cls.name) != "off"]
+
+
+def run_offline(cfg: HealthConfig, baseline: float, total_steps: int,
+                rows: list[dict]) -> tuple[list[dict], list[Detector]]:
+    """Every alert the detectors raise over a finished (or running) run's history, and the
+    detectors (their `checked` counts say whether they could judge at all)."""
+    detectors = build_detectors(cfg, baseline, total_steps)
+    alerts = []
+    for row in rows:
+        for d in detectors:
+            alerts += d.update(row["step"], row)
+    return alerts, detectors
