@@ -17,6 +17,7 @@ import pytest
 
 from conftest import trainlab
 from trainlab.engine.logs import read_events, read_metrics
+from trainlab.errors import UsageError
 from trainlab.report.render import Claim, build_report, write_report
 from trainlab.report.svgplot import line_chart, nice_ticks
 
@@ -205,7 +206,8 @@ def test_events_table_is_capped_and_says_what_was_left_out(runs, tmp_path):
     run = _copy(runs["modadd"], tmp_path)
     with open(run / "events.jsonl", "a", encoding="utf-8") as fh:
         for i in range(120):
-            fh.write(json.dumps({"time": 1.0, "kind": "checkpoint", "step": 100 + i, "path": "x", "reason": "periodic"}) + "\n")
+            fh.write(json.dumps({"time": 1.0, "kind": "checkpoint", "step": 100 + i, "path": "x",
+                                 "reason": "periodic"}) + "\n")
         fh.write(json.dumps({"time": 2.0, "kind": "memory_warning", "step": 999, "detail": "host RAM high"}) + "\n")
     total = len(read_events(run / "events.jsonl"))
     md, _, _ = build_report(run)
@@ -445,3 +447,20 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     blue = sum(1 for row in rows for i in range(0, len(row), bpp)
                if bpp > 2 and row[i + 2] > 150 and row[i] < 60 and row[i + 1] < 150)
     assert blue > 200
+
+
+def test_a_run_without_metrics_is_all_not_measured(runs, tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    shutil.copy(runs["modadd"] / "config.yaml", run / "config.yaml")
+    md, html, svgs = build_report(run)
+    assert svgs == {}
+    assert "not measured: loss, val_loss not in metrics.csv" in html
+    assert "not measured: metrics.csv has no rows" in html
+    assert "no events: events.jsonl is empty or absent" in html
+    assert "ln 23 = 3.135" in md  # the baseline needs only config.yaml
+    with pytest.raises(UsageError, match="not found"):
+        build_report(tmp_path / "nowhere")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UsageError, match="trainlab run directory"):
+        build_report(tmp_path / "plain")

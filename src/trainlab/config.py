@@ -179,7 +179,7 @@ class HealthConfig:
     divergence: Policy = knob("warn", "a sustained loss rise, or the loss back above the baseline after being below")
     spike: Policy = knob("warn", "a loss jump far outside recent statistics")
     plateau: Policy = knob("warn", "no significant improvement over plateau_window rows")
-    stuck: Policy = knob("warn", "loss statistically indistinguishable from the random baseline after warm-up")
+    stuck: Policy = knob("warn", "loss not below the random baseline and not falling, after warm-up")
     collapse: Policy = knob("warn", "collapse_metric below collapse_min, rank_metric falling, or bounds violated")
     grad_regime: Policy = knob("warn", "a change of the gradient-norm level by grad_regime_ratio or more")
     grokking: Literal["off", "warn"] = knob("warn", "report memorisation and generalisation steps (an event, no action)")

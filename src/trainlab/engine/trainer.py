@@ -211,10 +211,10 @@ class Trainer:
         if ckpt is None:
             raise TrainingStopped(f"health policy: {alert['message']}; rollback found no checkpoint before "
                                   f"step {onset}")
-        rollbacks = self.rollbacks
+        rollbacks, lr_scale = self.rollbacks, self.lr_scale  # these carry over; the rest is reloaded
         self._restore(self.store.load(ckpt, self.model, self.device))
         self.rollbacks = rollbacks + 1
-        self.lr_scale *= health.rollback_lr_factor
+        self.lr_scale = lr_scale * health.rollback_lr_factor
         self.monitor.reset()
         self.monitor.replay([r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step])
         self.events.write({"kind": "rollback", "step": self.step, "from_step": alert["step"],

@@ -48,13 +48,14 @@ class Detector:
         return {"kind": "alert", "detector": self.name, "step": step, "severity": self.severity,
                 "message": message, "evidence": evidence}
 
-    def edge(self, step: int, condition: bool, message: str, **evidence: Any) -> list[dict]:
-        """Fire on the rising edge of `condition`; re-arm when it clears."""
+    def edge(self, step: int, condition: bool, message: str, clear: bool | None = None, **evidence: Any) -> list[dict]:
+        """Fire on the rising edge of `condition`; re-arm when it stops holding -- or, with hysteresis,
+        only when `clear` holds (so noise around a threshold does not fire it again and again)."""
         self.checked += 1
         if condition and not self.active:
             self.active = True
             return [self.alert(step, message, **evidence)]
-        if not condition:
+        if self.active and (not condition if clear is None else clear):
             self.active = False
         return []
 
@@ -100,7 +101,7 @@ class Divergence(Detector):
         trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
         rising = trend.trend == "increasing" and window[-1] > 1.1 * self.best and self.past_warmup(step)
         back_above = self.was_below and level.above
-        why = ("a sustained rise" if rising else "back above the baseline") if (rising or back_above) else ""
+        why = " and ".join(w for w, hit in (("a sustained rise", rising), ("back above the baseline", back_above)) if hit)
         return self.edge(step, rising or back_above,
                          f"divergence ({why}): loss {_fmt(window[0])} -> {_fmt(window[-1])} over {len(window)} rows, "
                          f"best {_fmt(self.best)}, baseline {_fmt(self.baseline)}",
@@ -156,14 +157,17 @@ class Plateau(Detector):
         first, last = sum(window[:k]) / k, sum(window[-k:]) / k
         improvement = (first - last) / abs(first) if first else 0.0
         flat = trend.trend != "decreasing" and improvement < self.cfg.plateau_min_improvement
+        # a plateau ends with a significant decrease that also improves by the minimum
+        moving = trend.trend == "decreasing" and improvement >= self.cfg.plateau_min_improvement
         return self.edge(step, flat, f"plateau: {len(window)} rows without significant improvement "
                                      f"({_fmt(100 * improvement)} %, Mann-Kendall p={_fmt(trend.p_value)})",
-                         improvement=improvement, p_value=trend.p_value, first=first, last=last)
+                         clear=moving, improvement=improvement, p_value=trend.p_value, first=first, last=last)
 
 
 class StuckAtBaseline(Detector):
-    """After warm-up, the loss level is statistically indistinguishable from the random guess
-    (seed 000's "loss stuck at 0.6931")."""
+    """After warm-up, the loss is no better than the random guess: its level over the window is
+    not significantly below the baseline and it is not significantly falling (seed 000's "loss
+    stuck at 0.6931"; an untrained network often sits a little above ln V)."""
 
     name, severity = "stuck", "critical"
 
@@ -178,12 +182,17 @@ class StuckAtBaseline(Detector):
         self.losses.append(loss)
         if len(self.losses) < self.losses.maxlen or not self.past_warmup(step):
             return []
-        level = stats.mean_below(list(self.losses), self.baseline, alpha=self.cfg.alpha)
-        near = abs(level.mean - self.baseline) <= 0.02 * abs(self.baseline)
-        return self.edge(step, level.indistinguishable and near,
-                         f"stuck at the baseline: loss {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, {_fmt(level.ci[1])}] "
-                         f"contains the random guess {_fmt(self.baseline)}",
-                         mean=level.mean, ci=list(level.ci), baseline=self.baseline)
+        window = list(self.losses)
+        level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
+        trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
+        stuck = not level.below and trend.trend != "decreasing"
+        where = "at" if level.indistinguishable else "above"
+        return self.edge(step, stuck,
+                         f"no better than the random guess: loss {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, "
+                         f"{_fmt(level.ci[1])}] {where} the baseline {_fmt(self.baseline)}, not falling "
+                         f"(Mann-Kendall p={_fmt(trend.p_value)})",
+                         clear=level.below, mean=level.mean, ci=list(level.ci), baseline=self.baseline,
+                         p_value=trend.p_value)
 
 
 class Collapse(Detector):

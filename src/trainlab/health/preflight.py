@@ -155,13 +155,16 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> t
     if level.below:
         return Claim("learning signal", "pass", f"flat below the baseline: loss {_fmt(level.mean)} < {_fmt(baseline)}",
                      evidence, where), "flat below baseline", details
-    if level.indistinguishable and abs(trend.sen_slope) * len(series) < 0.01 * max(abs(baseline), 1e-12):
-        return Claim("learning signal", "fail", f"not learning: loss {_fmt(level.mean)} at the baseline {_fmt(baseline)}",
-                     evidence, where), "not learning", details
     more = stats.steps_to_resolve(trend, len(series), alpha=alpha)
     step_per_row = (rows[-1]["step"] - rows[skip]["step"]) / max(len(series) - 1, 1)
-    extra = f"about {int(more * step_per_row)} more steps would tell" if more else "no trend at all"
     details["steps_to_resolve"] = None if more is None else int(more * step_per_row)
+    hint = f"; about {int(more * step_per_row)} more steps could show a slow trend" if more else ""
+    if not level.below and (trend.sen_slope >= 0 or level.above):
+        # no significant fall, and no better than a random guess: nothing is being learned
+        where_level = "at" if level.indistinguishable else "above"
+        return Claim("learning signal", "fail", f"not learning: loss {_fmt(level.mean)} {where_level} the baseline "
+                     f"{_fmt(baseline)}, no significant trend{hint}", evidence, where), "not learning", details
+    extra = f"about {int(more * step_per_row)} more steps would tell" if more else "no trend at all"
     return Claim("learning signal", "warn", f"too noisy to tell ({extra})", evidence, where), "too noisy", details
 
 

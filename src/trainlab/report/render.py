@@ -323,7 +323,7 @@ def _to_html(blocks: list, title: str) -> str:
                     cls = []
                     if b.css == "verdicts" and j == 1:
                         cls.append("v-" + str(c).replace(" ", "-"))
-                    if isinstance(c, str) and not isinstance(c, Code) and _NUMERIC.match(c):
+                    if b.css == "numbers" and j > 0 and isinstance(c, str) and _NUMERIC.match(c):
                         cls.append("num")
                     attr = f' class="{" ".join(cls)}"' if cls else ""
                     cells.append(f"<td{attr}>{_h_rich(c)}</td>")
@@ -456,12 +456,16 @@ def _event_label(event: dict, curriculum_name: str) -> str:
     if kind == "promotion" and isinstance(event.get("from_value"), (int, float)) \
             and isinstance(event.get("to_value"), (int, float)):
         return f"{curriculum_name or 'level'} {_g(event['from_value'])}\u2192{_g(event['to_value'])}"
+    if kind == "alert" and isinstance(event.get("detector"), str):
+        return f"alert: {event['detector']}"
     return kind
 
 
 def _event_detail(event: dict, run_dir: Path, limit: int = 160) -> str:
     parts = []
-    for k, v in event.items():
+    first = ("detector", "severity", "message", "detail", "reason")  # what a reader wants first
+    ordered = sorted(event.items(), key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))
+    for k, v in ordered:
         if k in ("time", "kind", "step"):
             continue
         if isinstance(v, str) and v.startswith(str(run_dir)):
@@ -541,7 +545,7 @@ def _plots(run: _Run, baseline: _Baseline) -> list[_Plot]:
           + (" Shaded: curriculum phases." if bands else ""), bands=bands, y_range=unit_range)
 
     # (c) learning rate and loss weights
-    chart("lr", "learning rate", ["lr"], "lr", "The learning rate at each log row.")
+    chart("lr", "learning rate", ["lr"], "lr", "The learning rate at each log row.", y_range=(0.0, None))
     w_cols = [c for c in run.header if c.startswith("w_")]
     if w_cols:
         chart("loss-weights", "loss weights", w_cols, "weight", "Loss weights from schedule.loss_weights.")
@@ -568,7 +572,8 @@ def _plots(run: _Run, baseline: _Baseline) -> list[_Plot]:
     if run.cfg is not None:
         measure = run.cfg.memory.host_measure
         if run.cfg.memory.host_ceiling_gb:
-            ceilings.append((run.cfg.memory.host_ceiling_gb, f"memory.host_ceiling_gb = {run.cfg.memory.host_ceiling_gb:g}"))
+            ceiling = run.cfg.memory.host_ceiling_gb
+            ceilings.append((ceiling, f"memory.host_ceiling_gb = {ceiling:g}"))
         if run.cfg.memory.device_ceiling_gb and not device.startswith("cpu"):
             ceilings.append((run.cfg.memory.device_ceiling_gb,
                              f"memory.device_ceiling_gb = {run.cfg.memory.device_ceiling_gb:g}"))
@@ -576,7 +581,8 @@ def _plots(run: _Run, baseline: _Baseline) -> list[_Plot]:
           "Host RAM" + (f" (memory.host_measure = {measure})" if measure else "") + " and device memory "
           "allocated by torch, at each log row, with their peaks." + mem_note
           + (" Dashed: the ceilings from config.yaml." if ceilings else ""),
-          hlines=ceilings, y_range=(0.0, None), missing_cols=["ram_gb", "dev_mem_gb"] if not device.startswith("cpu") else ["ram_gb"])
+          hlines=ceilings, y_range=(0.0, None),
+          missing_cols=["ram_gb"] if device.startswith("cpu") else ["ram_gb", "dev_mem_gb"])
 
     # (f) throughput
     tp_cols = [c for c in run.header if c.endswith("_per_s")]
@@ -610,7 +616,7 @@ def _numbers(run: _Run) -> _Table | None:
         rows.append([Code(m), cell(finite[0]), cell(finite[-1]), cell(lo), cell(hi), str(len(finite)), str(bad)])
     if not rows:
         return None
-    return _Table(["metric", "first", "last", "min", "max", "rows", "non-finite rows"], rows)
+    return _Table(["metric", "first", "last", "min", "max", "rows", "non-finite rows"], rows, css="numbers")
 
 
 def _events_table(run: _Run) -> tuple[_Table | None, str]:
@@ -659,6 +665,9 @@ def build_report(run_dir: Path, claims: list[Claim] | None = None,
     s = run.summary
     status = s.state + (f": {s.reason}" if s.reason else "")
     step = "not recorded" if s.step is None else (f"{s.step} / {s.total}" if s.total else f"{s.step}")
+    status_step = run.status.get("step")
+    if run.rows and isinstance(status_step, int) and status_step != s.step:
+        step += f" (the last row of metrics.csv; status.json says step {status_step})"
     ends = [e for e in run.events if e.get("kind") in ("finish", "stopped", "crashed")
             and isinstance(e.get("elapsed_s"), (int, float))]
     if ends:

@@ -194,9 +194,11 @@ def line_chart(series: Mapping[str, Sequence[Point]] | Sequence[tuple[str, Seque
 
     series   name -> [(x, y), ...] (or a list of (name, points)); None/NaN in y breaks the line,
              inf/NaN are skipped and counted in a note on the chart
-    hlines   (y, label) reference lines, drawn dashed across the plot with their label
-    bands    (x0, x1, label) shaded x ranges (curriculum phases, say), labelled at the bottom
-    markers  (x, label) or (x, label, tooltip) vertical event lines, labelled at the top
+    hlines   (y, label) reference lines, dashed across the plot, named in the legend and labelled
+             beside the line where the data leaves room
+    bands    (x0, x1, label) shaded x ranges (curriculum phases, say), labelled on tabs above the plot
+    markers  (x, label) or (x, label, tooltip) vertical event lines, labelled above the plot in up to
+             three rows (a label that fits in none stays a tooltip, <title>)
     log_y    a log10 y axis (values <= 0 are skipped and counted)
     y_range  (lo, hi) that the y axis covers at least (0..1 for accuracies, say)
     """
@@ -237,17 +239,22 @@ def line_chart(series: Mapping[str, Sequence[Point]] | Sequence[tuple[str, Seque
     left = max(44.0, 22 + max(_text_w(t, 10) for t in ytick_labels) + 8)
     right = 16.0
     plot_w = max(width - left - right, 40.0)
+    # the legend: the series, then the reference lines (index -1 - k), in rows under the title
     legend_rows: list[list[tuple[int, str, float]]] = [[]]
     cursor = 0.0
-    for i, (name, _) in enumerate(items):
+    entries = [(i, name) for i, (name, _) in enumerate(items)]
+    entries += [(-1 - k, label) for k, (_, label) in enumerate(hlines)]
+    for i, name in entries:
+        name = _clip_text(name, plot_w - 40)
         w = 26 + _text_w(name) + 14
         if cursor + w > plot_w and legend_rows[-1]:
             legend_rows.append([])
             cursor = 0.0
         legend_rows[-1].append((i, name, cursor))
         cursor += w
-    if not items:
+    if not entries:
         legend_rows = []
+    legend_at = {i: (24 + 15 * r + 8, left + dx, name) for r, row in enumerate(legend_rows) for i, name, dx in row}
 
     def X(x: float) -> float:
         return left + (x * 0.5 - x0 * 0.5) / (x1 * 0.5 - x0 * 0.5) * plot_w if x1 > x0 else left + plot_w / 2
@@ -307,7 +314,8 @@ def line_chart(series: Mapping[str, Sequence[Point]] | Sequence[tuple[str, Seque
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="{FONT}" role="img">',
            f"<title>{escape(title)}</title>",
            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
-           f'<text x="{f(left)}" y="16" font-size="13" font-weight="bold">{escape(_clip_text(title, width - left, 13))}</text>']
+           f'<text x="{f(left)}" y="16" font-size="13" font-weight="bold">'
+           f'{escape(_clip_text(title, width - left, 13))}</text>']
 
     # bands under everything, each with a tab above the plot holding its label
     for k, (b0, b1, label) in enumerate(bands):
@@ -334,7 +342,8 @@ def line_chart(series: Mapping[str, Sequence[Point]] | Sequence[tuple[str, Seque
         x = X(t)
         label = fmt_num(t, xstep)
         w = _text_w(label, 10)
-        out.append(f'<line x1="{f(x)}" x2="{f(x)}" y1="{f(top + plot_h)}" y2="{f(top + plot_h + 4)}" stroke="#444444"/>')
+        out.append(f'<line x1="{f(x)}" x2="{f(x)}" y1="{f(top + plot_h)}" y2="{f(top + plot_h + 4)}" '
+                   f'stroke="#444444"/>')
         if x - w / 2 > last_right + 4:  # never print two tick labels on top of each other
             out.append(f'<text x="{f(x)}" y="{f(top + plot_h + 15)}" text-anchor="middle" font-size="10">'
                        f'{escape(label)}</text>')
@@ -347,20 +356,54 @@ def line_chart(series: Mapping[str, Sequence[Point]] | Sequence[tuple[str, Seque
     out.append(f'<text transform="translate(13 {f(top + plot_h / 2)}) rotate(-90)" text-anchor="middle">'
                f'{escape(_clip_text(yl, plot_h + 20))}</text>')
 
-    # reference lines
-    placed_h: list[float] = []
-    for y, label in hlines:
+    # where the data is drawn, on a grid of 4-px cells: reference-line labels go where it is not
+    thinned = {name: [_thin(seg, X, int(plot_w) * 4) for seg in segs[name]] for name, _ in items}
+    busy: set[tuple[int, int]] = set()
+    for pieces in thinned.values():
+        for pts in pieces:
+            pix = [(X(x), Y(y)) for x, y in pts]
+            busy.update((int(px // 4), int(py // 4)) for px, py in pix)
+            for (ax, ay), (bx, by) in zip(pix, pix[1:]):
+                n = int(max(abs(bx - ax), abs(by - ay)) // 3)
+                for k in range(1, n):
+                    busy.add((int((ax + (bx - ax) * k / n) // 4), int((ay + (by - ay) * k / n) // 4)))
+
+    def crowd(x_a: float, x_b: float, y_a: float, y_b: float) -> int:
+        return sum((cx, cy) in busy for cx in range(int(x_a // 4), int(x_b // 4) + 1)
+                   for cy in range(int(y_a // 4), int(y_b // 4) + 1))
+
+    # reference lines: each is named in the legend, and labelled on the plot too where a spot at its
+    # right end, left end or middle (above or below the line) is free of data
+    placed: list[tuple[float, float, float, float]] = []
+    for k, (y, label) in enumerate(hlines):
         py = Y(y)
         out.append(f'<g class="hline"><title>{escape(label)}</title>'
                    f'<line x1="{f(left)}" x2="{f(left + plot_w)}" y1="{f(py)}" y2="{f(py)}" stroke="#333333" '
                    f'stroke-width="1.2" stroke-dasharray="7 4"/>')
-        ty = py - 4 if py - 14 > top else py + 12
-        while any(abs(ty - p) < 12 for p in placed_h):
-            ty += 12
-        placed_h.append(ty)
-        out.append(f'<text x="{f(left + plot_w - 4)}" y="{f(ty)}" text-anchor="end" fill="#333333" '
-                   f'stroke="#ffffff" stroke-width="3" paint-order="stroke">'
-                   f'{escape(_clip_text(label, plot_w - 8))}</text></g>')
+        ly, lx, legend_name = legend_at[-1 - k]
+        out.append(f'<line x1="{f(lx)}" x2="{f(lx + 20)}" y1="{f(ly - 4)}" y2="{f(ly - 4)}" stroke="#333333" '
+                   f'stroke-width="1.2" stroke-dasharray="7 4"/>')
+        out.append(f'<text x="{f(lx + 25)}" y="{f(ly)}">{escape(legend_name)}</text>')
+        shown = _clip_text(label, plot_w - 8)
+        w = _text_w(shown)
+        best = None
+        for xa, anchor in ((left + plot_w - 4 - w, "end"), (left + 4, "start"), (left + (plot_w - w) / 2, "middle")):
+            for ty in (py - 4, py + 12):
+                if ty - 10 < top or ty + 2 > top + plot_h:
+                    continue
+                box = (xa, xa + w, ty - 10, ty + 2)
+                if any(box[0] < p[1] and p[0] < box[1] and box[2] < p[3] and p[2] < box[3] for p in placed):
+                    continue
+                score = crowd(*box)
+                if best is None or score < best[0]:
+                    best = (score, xa, anchor, ty, box)
+        if best is not None and best[0] <= 2:
+            _, xa, anchor, ty, box = best
+            placed.append(box)
+            tx = {"end": xa + w, "start": xa, "middle": xa + w / 2}[anchor]
+            out.append(f'<text x="{f(tx)}" y="{f(ty)}" text-anchor="{anchor}" fill="#333333" '
+                       f'stroke="#ffffff" stroke-width="3" paint-order="stroke">{escape(shown)}</text>')
+        out.append("</g>")
 
     # event markers
     for px, shown, tip, anchor, row in marker_layout:
@@ -382,8 +425,7 @@ def line_chart(series: Mapping[str, Sequence[Point]] | Sequence[tuple[str, Seque
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         n_points = sum(len(s) for s in segs[name])
         out.append(f'<g class="series"><title>{escape(name)}</title>')
-        for seg in segs[name]:
-            pts = _thin(seg, X, int(plot_w) * 4)
+        for pts in thinned[name]:
             if len(pts) > 1:
                 coords = " ".join(f"{f(X(x))},{f(Y(y))}" for x, y in pts)
                 out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6" '
@@ -398,17 +440,15 @@ def line_chart(series: Mapping[str, Sequence[Point]] | Sequence[tuple[str, Seque
         out.append(f'<text x="{f(left + plot_w / 2)}" y="{f(top + plot_h / 2)}" text-anchor="middle" '
                    f'fill="#888888" font-size="13">no data to draw</text>')
 
-    # legend
-    for r, row in enumerate(legend_rows):
-        y = 24 + 15 * r + 8
-        for i, name, dx in row:
-            colour = PALETTE[i % len(PALETTE)]
-            dash = DASHES[(i // len(PALETTE)) % len(DASHES)]
-            dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-            lx = left + dx
-            out.append(f'<line x1="{f(lx)}" x2="{f(lx + 20)}" y1="{f(y - 4)}" y2="{f(y - 4)}" stroke="{colour}" '
-                       f'stroke-width="2.5"{dash_attr}/>')
-            out.append(f'<text x="{f(lx + 25)}" y="{f(y)}">{escape(name)}</text>')
+    # legend of the series (the reference lines' entries are drawn in their own group above)
+    for i, (name, _) in enumerate(items):
+        y, lx, shown = legend_at[i]
+        colour = PALETTE[i % len(PALETTE)]
+        dash = DASHES[(i // len(PALETTE)) % len(DASHES)]
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        out.append(f'<line x1="{f(lx)}" x2="{f(lx + 20)}" y1="{f(y - 4)}" y2="{f(y - 4)}" stroke="{colour}" '
+                   f'stroke-width="2.5"{dash_attr}/>')
+        out.append(f'<text x="{f(lx + 25)}" y="{f(y)}">{escape(shown)}</text>')
 
     for k, note in enumerate(notes):
         out.append(f'<text x="{f(left)}" y="{f(top + plot_h + 44 + 13 * k)}" font-size="10" fill="#a0522d">'

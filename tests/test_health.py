@@ -1,0 +1,190 @@
+"""Health detectors on small synthetic and real curves, their policies in real runs, `trainlab
+check`, and `trainlab preflight` verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import trainlab
+from trainlab.config import HealthConfig
+from trainlab.engine.logs import read_events
+from trainlab.health.detectors import (Collapse, Divergence, GradRegime, Grokking, NonFinite, Plateau, Spike,
+                                       StuckAtBaseline, run_offline)
+
+LN2 = math.log(2)
+
+
+def _feed(detector, rows):
+    alerts = []
+    for row in rows:
+        alerts += detector.update(row["step"], row)
+    return alerts
+
+
+def _rows(losses, start=10, every=10, **columns):
+    out = []
+    for i, loss in enumerate(losses):
+        row = {"step": start + i * every, "loss": float(loss)}
+        for k, values in columns.items():
+            row[k] = float(values[i])
+        out.append(row)
+    return out
+
+
+def _noise(n, scale, seed=0):
+    return np.random.default_rng(seed).normal(0, scale, n)
+
+
+def test_nonfinite():
+    d = NonFinite(HealthConfig(), LN2, 1000)
+    alerts = _feed(d, _rows([0.5, 0.4, float("nan"), float("nan")], grad_norm=[1, 1, 1, float("inf")]))
+    assert len(alerts) == 1 and alerts[0]["step"] == 30 and alerts[0]["severity"] == "critical"
+
+
+def test_divergence_on_a_sustained_rise_but_not_on_a_falling_curve():
+    cfg = HealthConfig(window=20, warmup_fraction=0.0)
+    falling = 2.0 * np.exp(-np.arange(60) / 20) + 0.3 + _noise(60, 0.01)
+    assert _feed(Divergence(cfg, LN2, 1000), _rows(falling)) == []
+    rising = np.concatenate([falling[:30], falling[29] + 0.03 * np.arange(1, 31)]) + _noise(60, 0.01, 1)
+    alerts = _feed(Divergence(cfg, LN2, 1000), _rows(rising))
+    assert len(alerts) == 1 and "sustained rise" in alerts[0]["message"]
+    assert alerts[0]["step"] > 300  # it needs the rise to be significant, not the first uptick
+
+
+def test_divergence_back_above_the_baseline():
+    # the rise test waits for warm-up (90 % of 1000 steps here); "back above" does not
+    cfg = HealthConfig(window=20, warmup_fraction=0.9)
+    losses = np.concatenate([np.full(30, 0.55), np.full(30, 0.80)]) + _noise(60, 0.01)
+    alerts = _feed(Divergence(cfg, LN2, 1000), _rows(losses))
+    assert alerts and "back above the baseline" in alerts[0]["message"]
+
+
+def test_spike_fires_once_on_a_jump_and_rearms():
+    cfg = HealthConfig(window=20)
+    losses = 1.0 + _noise(60, 0.02)
+    losses[40] = 5.0
+    alerts = _feed(Spike(cfg, LN2, 1000), _rows(losses))
+    assert [a["step"] for a in alerts] == [410]
+    assert alerts[0]["evidence"]["z"] > 6
+    assert _feed(Spike(cfg, LN2, 1000), _rows(1.0 + _noise(60, 0.02))) == []
+
+
+def test_plateau_on_a_flat_curve_only():
+    cfg = HealthConfig(plateau_window=30, warmup_fraction=0.0)
+    alerts = _feed(Plateau(cfg, LN2, 1000), _rows(0.9 + _noise(50, 0.01)))
+    assert len(alerts) == 1 and alerts[0]["severity"] == "info"
+    falling = np.linspace(2.0, 0.5, 50) + _noise(50, 0.01)
+    assert _feed(Plateau(cfg, LN2, 1000), _rows(falling)) == []
+
+
+def test_stuck_at_the_baseline_like_seed_000():
+    cfg = HealthConfig(window=20, warmup_fraction=0.1)
+    stuck = LN2 + _noise(40, 0.003)  # "loss stuck at 0.6931"
+    alerts = _feed(StuckAtBaseline(cfg, LN2, 400), _rows(stuck))
+    assert len(alerts) == 1 and "0.6931" in alerts[0]["message"] and "at the baseline" in alerts[0]["message"]
+    learning = 0.60 + _noise(40, 0.003)
+    assert _feed(StuckAtBaseline(cfg, LN2, 400), _rows(learning)) == []
+
+
+def test_collapse_distinct_predictions_rank_and_bounds():
+    cfg = HealthConfig(collapse_metric="distinct_preds", collapse_min=10, rank_metric="rank_me", rank_drop=0.5,
+                       bounds={"residual": (0.01, 10.0)})
+    n = 12
+    rows = _rows(np.ones(n), distinct_preds=[200, 150, 90, 40, 12, 8, 3, 2, 2, 2, 2, 2],
+                 rank_me=[30, 32, 31, 28, 25, 20, 14, 12, 12, 12, 12, 12],
+                 residual=[0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.005, 0.005, 0.2, 0.2, 0.2])
+    alerts = _feed(Collapse(cfg, LN2, 1000), rows)
+    by_metric = {a["evidence"]["metric"]: a["step"] for a in alerts}
+    assert by_metric == {"distinct_preds": 60, "rank_me": 70, "residual": 80}
+
+
+def test_grokking_reports_memorisation_generalisation_and_gap():
+    cfg = HealthConfig()
+    steps = list(range(100, 3100, 100))
+    acc = [min(1.0, 0.2 + s / 500) for s in steps]  # train accuracy 1.0 from step 400
+    val = [0.05 if s < 2000 else 0.97 for s in steps]  # validation jumps at step 2000
+    rows = [{"step": s, "loss": 1.0, "acc": a, "val_acc": v} for s, a, v in zip(steps, acc, val)]
+    alerts = _feed(Grokking(cfg, LN2, 3000), rows)
+    assert len(alerts) == 1
+    ev = alerts[0]["evidence"]
+    assert (ev["memorisation_step"], ev["generalisation_step"], ev["gap"]) == (400, 2000, 1600)
+    assert alerts[0]["message"].startswith("grokking")
+
+
+def test_grad_norm_regime_change():
+    cfg = HealthConfig(window=20)
+    norms = np.exp(np.concatenate([np.zeros(25), np.full(25, math.log(6.0))]) + _noise(50, 0.1))
+    alerts = _feed(GradRegime(cfg, LN2, 1000), _rows(np.ones(50), grad_norm=norms))
+    assert len(alerts) == 1 and alerts[0]["evidence"]["ratio"] > 3
+    steady = np.exp(_noise(50, 0.1))
+    assert _feed(GradRegime(cfg, LN2, 1000), _rows(np.ones(50), grad_norm=steady)) == []
+
+
+def test_run_offline_counts_what_was_judged():
+    alerts, detectors = run_offline(HealthConfig(), LN2, 100, _rows([0.5] * 3))
+    assert alerts == [] and {d.name: d.checked for d in detectors}["divergence"] == 0
+
+
+# ---- real runs ------------------------------------------------------------------------------
+
+SMOKE = ["run", "modadd", "--preset", "smoke"]
+
+
+def test_stuck_run_is_caught_live_and_offline(tmp_path: Path):
+    """A learning rate too small to move the weights: the loss stays at ln(23)."""
+    out = trainlab(*SMOKE, "--steps", "150", "--set", "optim.lr=1e-9", "--set", "train.clip=0",
+                   "--set", "health.window=10", "--run-dir", "stuck", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    alerts = [e for e in read_events(tmp_path / "stuck" / "events.jsonl") if e["kind"] == "alert"]
+    assert [a["detector"] for a in alerts if a["detector"] == "stuck"] == ["stuck"]
+    check = trainlab("check", "stuck", cwd=tmp_path)
+    assert check.returncode == 1
+    assert "stuck" in check.stdout and "FAIL" in check.stdout
+    saved = json.loads((tmp_path / "stuck" / "check.json").read_text())
+    assert any(a["detector"] == "stuck" for a in saved["alerts"])
+
+
+def test_stop_policy_checkpoints_and_exits_1(tmp_path: Path):
+    out = trainlab(*SMOKE, "--set", "health.collapse=stop", "--set", "health.bounds={acc: [0, 0.08]}",
+                   "--run-dir", "r", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "health policy" in out.stderr and "health.collapse=stop" in out.stderr
+    events = read_events(tmp_path / "r" / "events.jsonl")
+    alert = [e for e in events if e["kind"] == "alert"][0]
+    assert alert["policy"] == "stop"
+    assert any(e["kind"] == "checkpoint" and e["reason"] == "health policy" for e in events)
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "stopped"
+
+
+def test_rollback_policy_reloads_scales_lr_and_gives_up_after_k(tmp_path: Path):
+    out = trainlab(*SMOKE, "--set", "health.collapse=rollback", "--set", "health.bounds={acc: [0, 0.08]}",
+                   "--set", "health.rollback_max=2", "--set", "ckpt.every=5", "--run-dir", "r", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    events = read_events(tmp_path / "r" / "events.jsonl")
+    rollbacks = [e for e in events if e["kind"] == "rollback"]
+    assert [e["lr_scale"] for e in rollbacks] == [0.5, 0.25]
+    assert all(e["step"] < e["from_step"] for e in rollbacks)
+    assert "stopped after 2 rollbacks" in out.stderr
+
+
+@pytest.mark.parametrize("case,expected", [("healthy", "READY"), ("stuck", "NOT READY")])
+def test_preflight_verdicts(tmp_path: Path, case: str, expected: str):
+    extra = [] if case == "healthy" else ["--set", "optim.lr=1e-9"]
+    out = trainlab("preflight", "modadd", "--preset", "smoke", "--steps", "120", *extra, "--run-dir", "pf",
+                   cwd=tmp_path, timeout=300)
+    assert f"preflight {expected}" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == (0 if expected == "READY" else 1)
+    report = json.loads((tmp_path / "pf" / "preflight.json").read_text())
+    names = {c["name"]: c for c in report["claims"]}
+    assert {"learning signal", "gradients finite", "numerics", "host memory", "speed", "resume"} <= set(names)
+    assert names["resume"]["verdict"] == "pass" and "bitwise identical" in names["resume"]["value"]
+    if case == "stuck":
+        assert names["learning signal"]["verdict"] == "fail" and "not learning" in names["learning signal"]["value"]
+    else:
+        assert names["learning signal"]["value"].startswith("learning")
+    assert (tmp_path / "pf" / "report.md").exists() and (tmp_path / "pf" / "report.html").exists()
