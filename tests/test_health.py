@@ -188,3 +188,32 @@ def test_preflight_verdicts(tmp_path: Path, case: str, expected: str):
     else:
         assert names["learning signal"]["value"].startswith("learning")
     assert (tmp_path / "pf" / "report.md").exists() and (tmp_path / "pf" / "report.html").exists()
+
+
+RECORDED = Path(__file__).parent / "data"
+
+
+def test_recorded_grokking_run_reports_the_generalisation_step(tmp_path: Path):
+    """A real `trainlab run modadd --preset grok` (tests/data/README.md): val_acc first >= 0.9 at
+    step 1650; the detector must report it within 10 % and the memorisation step before it."""
+    import shutil
+
+    shutil.copytree(RECORDED / "modadd_grok", tmp_path / "grok")
+    out = trainlab("check", "grok", cwd=tmp_path)
+    alerts = json.loads((tmp_path / "grok" / "check.json").read_text())["alerts"]
+    grok = [a for a in alerts if a["detector"] == "grokking"]
+    assert len(grok) == 1, out.stdout
+    ev = grok[0]["evidence"]
+    assert abs(ev["generalisation_step"] - 1650) <= 165 and ev["memorisation_step"] == 150
+    assert not [a for a in alerts if a["detector"] in ("divergence", "stuck")]
+
+
+def test_recorded_run_without_weight_decay_never_groks(tmp_path: Path):
+    import shutil
+
+    shutil.copytree(RECORDED / "modadd_grok_no_wd", tmp_path / "nowd")
+    trainlab("check", "nowd", cwd=tmp_path)
+    data = json.loads((tmp_path / "nowd" / "check.json").read_text())
+    assert not [a for a in data["alerts"] if a["detector"] in ("grokking", "divergence", "stuck")]
+    claim = [c for c in data["claims"] if c["name"] == "grokking"][0]
+    assert claim["value"].startswith("not observed") and "val_acc 0.2962" in claim["value"]

@@ -186,6 +186,8 @@ class HealthConfig:
     window: int = knob(20, "rows (log steps) the trend and spike statistics look back over", ge=5)
     alpha: float = knob(0.01, "significance level of the trend and baseline tests", gt=0, lt=0.5)
     warmup_fraction: float = knob(0.1, "fraction of train.steps before stuck/plateau/divergence may fire", ge=0, lt=1)
+    divergence_min_rise: float = knob(0.02, "a rise counts as divergence only above this fraction of the baseline "
+                                            "loss (so 1e-8 -> 5e-8 near zero is no divergence)", ge=0)
     spike_z: float = knob(6.0, "robust z-score of a spike (OLMo uses 6 sigma)", gt=0)
     spike_ratio: float = knob(1.5, "and the loss must exceed this multiple of the recent median", ge=1)
     plateau_window: int = knob(50, "rows without significant improvement that make a plateau", ge=10)

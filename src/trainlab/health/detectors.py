@@ -99,7 +99,9 @@ class Divergence(Detector):
         if level.below:
             self.was_below = True
         trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
-        rising = trend.trend == "increasing" and window[-1] > 1.1 * self.best and self.past_warmup(step)
+        rise = window[-1] - self.best
+        rising = (trend.trend == "increasing" and window[-1] > 1.1 * self.best and self.past_warmup(step)
+                  and rise > self.cfg.divergence_min_rise * abs(self.baseline))
         back_above = self.was_below and level.above
         why = " and ".join(w for w, hit in (("a sustained rise", rising), ("back above the baseline", back_above)) if hit)
         return self.edge(step, rising or back_above,
