@@ -155,7 +155,8 @@ class Sha256(Experiment):
             "memory": {"host_ceiling_gb": 10.0, "every": 10},
             "model": {"dim": 256, "layers": 4, "heads": 8},
         }),
-        "gpu": Preset("an H100-class budget (about 20 minutes): step mode, large batches generated on the GPU", {
+        "gpu": Preset("sized for an H100-class GPU (wall time not yet measured): step mode, micro-batch 4096 "
+                      "generated on the GPU, width 256 x 4 layers", {
             "train": {"steps": 20000, "micro_batch": 4096},
             "optim": {"lr": 1e-3, "weight_decay": 0.01},
             "schedule": {"warmup": 500, "decay": "constant"},
