@@ -19,7 +19,8 @@ def _code_blocks(text: str) -> list[list[str]]:
 def test_first_block_holds_the_two_commands_and_ci_runs_the_second():
     first = [line for line in _code_blocks((ROOT / "README.md").read_text())[0]
              if line.strip() and not line.lstrip().startswith("#")]
-    assert first[0] == "python3 scripts/bootstrap.py && .venv/bin/trainlab run modadd"
+    assert first[0] == ("python3 scripts/bootstrap.py && .venv/bin/trainlab preflight modadd "
+                        "&& .venv/bin/trainlab run modadd")
     assert first[1] == "python3 scripts/bootstrap.py --test && .venv/bin/python -m pytest -q"
     ci = (ROOT / ".ci" / "run").read_text()
     setup, test = first[1].split(" && ")

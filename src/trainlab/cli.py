@@ -124,10 +124,12 @@ def cmd_run(args) -> int:
         result = launch.run()
     except TrainingStopped as exc:
         print(f"trainlab: stopped: {exc} ({run_dir})", file=sys.stderr)
+        _write_report(run_dir)
         return EXIT_STOPPED
     except Interrupted as exc:
         print(f"trainlab: {exc.signal_name}: checkpoint saved; rerun the same command to resume ({run_dir})",
               file=sys.stderr)
+        _write_report(run_dir)
         return exc.exit_code
     except UsageError:
         raise
@@ -141,9 +143,22 @@ def cmd_run(args) -> int:
         print(f"trainlab: training failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}{where}",
               file=sys.stderr)
         return EXIT_STOPPED
+    _write_report(run_dir)
     print(f"trainlab: finished {run_dir.name} at step {result.step}/{result.total_steps}: "
           f"{_summary(result.last_row, keys)} in {_fmt_duration(result.elapsed_s)} -> {run_dir}")
     return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run's report at its end; a report that cannot be drawn must not fail the run."""
+    from trainlab.health.evidence import claims_for
+    from trainlab.report.render import write_report
+
+    try:
+        write_report(run_dir, claims_for(run_dir))
+    except Exception as exc:  # noqa: BLE001 -- the training result stands; say what went wrong
+        print(f"trainlab: could not write the report ({type(exc).__name__}: {exc}); "
+              f"`trainlab report {run_dir}` retries", file=sys.stderr)
 
 
 def cmd_runs(args) -> int:
@@ -234,7 +249,11 @@ def cmd_report(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.csv").is_file():
         raise UsageError(f"run directory {run_dir}: no metrics.csv (not a trainlab run directory?)")
-    md, html = write_report(run_dir, claims_for(run_dir))
+    try:
+        claims = claims_for(run_dir)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"run directory {run_dir}: a saved verdict file is malformed ({exc})") from None
+    md, html = write_report(run_dir, claims)
     print(f"trainlab: wrote {md} and {html}")
     return 0
 
