@@ -69,6 +69,15 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def unused_sibling(path: Path, name: str) -> Path:
+    """path's sibling called `name`, or `name-2`, `name-3`, ... whichever does not exist yet."""
+    target, n = path.with_name(name), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{name}-{n}")
+    return target
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -174,11 +183,7 @@ class CheckpointStore:
         return None
 
     def _set_aside(self, path: Path, reason: str) -> None:
-        target = path.with_name(f"{path.name}.corrupt")
-        n = 1
-        while target.exists():
-            n += 1
-            target = path.with_name(f"{path.name}.corrupt{n}")
+        target = unused_sibling(path, f"{path.name}.corrupt")
         os.rename(path, target)
         self.on_event({"kind": "checkpoint_corrupt", "path": str(path), "reason": reason,
                        "moved_to": str(target)})

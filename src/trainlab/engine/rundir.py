@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from trainlab.engine.checkpoint import write_atomic
+from trainlab.engine.checkpoint import unused_sibling, write_atomic
 from trainlab.engine.logs import EVENTS_FILE, METRICS_FILE, read_metrics
 from trainlab.errors import UsageError
 
@@ -46,12 +46,7 @@ def has_run(path: Path) -> bool:
 
 def move_aside(path: Path) -> Path:
     """Rename an old run directory to a sibling <name>.old-<time>; nothing is deleted."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.old-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    target = unused_sibling(path, f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     os.rename(path, target)
     return target
 

@@ -66,6 +66,26 @@ class Detector:
         return []
 
 
+class LossWindowDetector(Detector):
+    """A detector over the last `size` finite losses; `window(step, row)` gives them once the window
+    is full (and, if `after_warmup`, past warm-up), else None."""
+
+    after_warmup = True
+
+    def __init__(self, cfg: HealthConfig, baseline: float, total_steps: int, size: int | None = None):
+        super().__init__(cfg, baseline, total_steps)
+        self.losses: deque[float] = deque(maxlen=size or cfg.window)
+
+    def window(self, step: int, row: dict) -> list[float] | None:
+        loss = _num(row, "loss")
+        if loss is None or not math.isfinite(loss):
+            return None
+        self.losses.append(loss)
+        if len(self.losses) < self.losses.maxlen or (self.after_warmup and not self.past_warmup(step)):
+            return None
+        return list(self.losses)
+
+
 class NonFinite(Detector):
     name, severity = "nonfinite", "critical"
 
@@ -74,27 +94,24 @@ class NonFinite(Detector):
         return self.edge(step, bool(bad), "non-finite " + ", ".join(f"{k}={row[k]}" for k in bad), columns=bad)
 
 
-class Divergence(Detector):
+class Divergence(LossWindowDetector):
     """A significant upward trend over the window that took the loss above its best by 10 %, or the
     loss back above the baseline (significantly) after having been significantly below it."""
 
     name, severity = "divergence", "critical"
+    after_warmup = False  # "back above the baseline" needs no warm-up; the rise test checks it itself
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.losses: deque[float] = deque(maxlen=self.cfg.window)
         self.best = math.inf
         self.was_below = False
 
     def update(self, step, row):
-        loss = _num(row, "loss")
-        if loss is None or not math.isfinite(loss):
+        window = self.window(step, row)
+        if self.losses:
+            self.best = min(self.best, self.losses[-1])
+        if window is None:
             return []
-        self.losses.append(loss)
-        self.best = min(self.best, loss)
-        if len(self.losses) < self.losses.maxlen:
-            return []
-        window = list(self.losses)
         level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
         if level.below:
             self.was_below = True
@@ -136,24 +153,19 @@ class Spike(Detector):
         return out
 
 
-class Plateau(Detector):
+class Plateau(LossWindowDetector):
     """No significant decrease and less than plateau_min_improvement relative improvement over the
     last plateau_window rows."""
 
     name, severity = "plateau", "info"
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.losses: deque[float] = deque(maxlen=self.cfg.plateau_window)
+    def __init__(self, cfg: HealthConfig, baseline: float, total_steps: int):
+        super().__init__(cfg, baseline, total_steps, size=cfg.plateau_window)
 
     def update(self, step, row):
-        loss = _num(row, "loss")
-        if loss is None or not math.isfinite(loss):
+        window = self.window(step, row)
+        if window is None:
             return []
-        self.losses.append(loss)
-        if len(self.losses) < self.losses.maxlen or not self.past_warmup(step):
-            return []
-        window = list(self.losses)
         trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
         k = max(3, len(window) // 5)
         first, last = sum(window[:k]) / k, sum(window[-k:]) / k
@@ -166,25 +178,17 @@ class Plateau(Detector):
                          clear=moving, improvement=improvement, p_value=trend.p_value, first=first, last=last)
 
 
-class StuckAtBaseline(Detector):
+class StuckAtBaseline(LossWindowDetector):
     """After warm-up, the loss is no better than the random guess: its level over the window is
     not significantly below the baseline and it is not significantly falling (seed 000's "loss
     stuck at 0.6931"; an untrained network often sits a little above ln V)."""
 
     name, severity = "stuck", "critical"
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.losses: deque[float] = deque(maxlen=self.cfg.window)
-
     def update(self, step, row):
-        loss = _num(row, "loss")
-        if loss is None or not math.isfinite(loss):
+        window = self.window(step, row)
+        if window is None:
             return []
-        self.losses.append(loss)
-        if len(self.losses) < self.losses.maxlen or not self.past_warmup(step):
-            return []
-        window = list(self.losses)
         level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
         trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
         stuck = not level.below and trend.trend != "decreasing"
