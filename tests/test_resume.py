@@ -136,10 +136,11 @@ def test_runs_lists_status_including_killed(tmp_path: Path):
 
 
 def test_second_process_on_same_run_dir_is_refused(tmp_path: Path):
-    proc = spawn(*RUN, "--run-dir", "busy", cwd=tmp_path)
+    long_run = [a if a != "240" else "100000" for a in RUN]  # still running when the second one starts
+    proc = spawn(*long_run, "--run-dir", "busy", cwd=tmp_path)
     try:
         assert _wait_for_step(tmp_path / "busy", proc, 5) > 0
-        out = trainlab(*RUN, "--run-dir", "busy", cwd=tmp_path)
+        out = trainlab(*long_run, "--run-dir", "busy", cwd=tmp_path)
         assert out.returncode == 2
         assert "in use by pid" in out.stderr
     finally:

@@ -67,21 +67,24 @@ class Detector:
 
 
 class LossWindowDetector(Detector):
-    """A detector over the last `size` finite losses; `window(step, row)` gives them once the window
-    is full (and, if `after_warmup`, past warm-up), else None."""
+    """A detector over the last `size` finite losses; `window(step, row)` gives them once at least
+    half the window (and 8 rows) is there -- and, if `after_warmup`, past warm-up -- else None.
+    Half a window lets a short run (a few dozen log rows) be judged before it is over; the tests
+    used (Mann-Kendall, batch means) are valid at that size, only less powerful."""
 
     after_warmup = True
 
     def __init__(self, cfg: HealthConfig, baseline: float, total_steps: int, size: int | None = None):
         super().__init__(cfg, baseline, total_steps)
         self.losses: deque[float] = deque(maxlen=size or cfg.window)
+        self.min_rows = max(8, self.losses.maxlen // 2)
 
     def window(self, step: int, row: dict) -> list[float] | None:
         loss = _num(row, "loss")
         if loss is None or not math.isfinite(loss):
             return None
         self.losses.append(loss)
-        if len(self.losses) < self.losses.maxlen or (self.after_warmup and not self.past_warmup(step)):
+        if len(self.losses) < self.min_rows or (self.after_warmup and not self.past_warmup(step)):
             return None
         return list(self.losses)
 
@@ -178,10 +181,13 @@ class Plateau(LossWindowDetector):
                          clear=moving, improvement=improvement, p_value=trend.p_value, first=first, last=last)
 
 
+STUCK_TOLERANCE = 0.05  # "at the baseline" means a mean within 5 % below it, or anything above
+
+
 class StuckAtBaseline(LossWindowDetector):
     """After warm-up, the loss is no better than the random guess: its level over the window is
-    not significantly below the baseline and it is not significantly falling (seed 000's "loss
-    stuck at 0.6931"; an untrained network often sits a little above ln V)."""
+    not significantly below the baseline, within 5 % of it or above, and without a significant
+    trend (seed 000's "loss stuck at 0.6931"; an untrained network often sits a little above ln V)."""
 
     name, severity = "stuck", "critical"
 
@@ -191,7 +197,10 @@ class StuckAtBaseline(LossWindowDetector):
             return []
         level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
         trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
-        stuck = not level.below and trend.trend != "decreasing"
+        # flat (a significant rise is the divergence detector's) and close to the guess, not merely
+        # a noisy window whose interval happens to reach the baseline
+        stuck = (not level.below and trend.trend == "no trend"
+                 and level.mean >= (1 - STUCK_TOLERANCE) * self.baseline)
         where = "at" if level.indistinguishable else "above"
         return self.edge(step, stuck,
                          f"no better than the random guess: loss {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, "
