@@ -30,6 +30,7 @@ state_dict()/load_state_dict() round-trip through a safe load and resume is bitw
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -102,7 +103,7 @@ def _project_back(low: torch.Tensor, proj: torch.Tensor, shape: torch.Size) -> t
     return proj @ low if _left(shape) else low @ proj.t()
 
 
-class _GaLore(Optimizer):
+class _GaLore(Optimizer, metaclass=abc.ABCMeta):
     """The projection bookkeeping shared by both rules; subclasses supply the inner rule."""
 
     # state keys of the inner rule's buffers, for load_state_dict's dtype restore
@@ -121,16 +122,18 @@ class _GaLore(Optimizer):
         super().__init__(params, dict(defaults, rank=rank, update_every=update_every, scale=scale))
 
     # ---- to be supplied by the rule ------------------------------------------------------------
+    @abc.abstractmethod
     def _buffer_dtype(self, p: torch.Tensor, projected: bool) -> torch.dtype:
-        raise NotImplementedError
+        """The dtype the rule keeps its buffers in for parameter `p`."""
 
+    @abc.abstractmethod
     def _init_buffers(self, state: dict, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
-        raise NotImplementedError
+        """Create the rule's buffers (moments) of `shape` in `state`."""
 
+    @abc.abstractmethod
     def _direction(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
         """Advance the rule's buffers with `grad` (fp32 when projected, else the gradient's own dtype)
         and return the normalised direction N."""
-        raise NotImplementedError
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.no_grad()
