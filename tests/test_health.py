@@ -217,3 +217,12 @@ def test_recorded_run_without_weight_decay_never_groks(tmp_path: Path):
     assert not [a for a in data["alerts"] if a["detector"] in ("grokking", "divergence", "stuck")]
     claim = [c for c in data["claims"] if c["name"] == "grokking"][0]
     assert claim["value"].startswith("not observed") and "val_acc 0.2962" in claim["value"]
+
+
+def test_preflight_resume_check_keeps_schedules_over_the_run_length(tmp_path: Path):
+    """A schedule that depends on train.steps (cosine decay to the end) must not make the resume
+    check fail: the check stops early instead of shortening the run."""
+    out = trainlab("preflight", "modadd", "--preset", "smoke", "--steps", "60", "--set", "schedule.decay=cosine",
+                   "--set", "schedule.min_lr_ratio=0", "--run-dir", "pf", cwd=tmp_path, timeout=300)
+    claims = {c["name"]: c for c in json.loads((tmp_path / "pf" / "preflight.json").read_text())["claims"]}
+    assert claims["resume"]["verdict"] == "pass", claims["resume"]

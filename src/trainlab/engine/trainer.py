@@ -96,7 +96,7 @@ class _Interval:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, experiment: Experiment, run_dir: Path, device: torch.device,
-                 observers: list | None = None, max_seconds: float | None = None):
+                 observers: list | None = None, max_seconds: float | None = None, stop_at: int | None = None):
         self.cfg = cfg
         self.exp = experiment
         self.run_dir = run_dir
@@ -108,6 +108,7 @@ class Trainer:
         # after_update(trainer) and on_row(trainer, row); none are called when there are none.
         self.observers = list(observers or [])
         self.max_seconds = max_seconds  # a time budget: the run ends early, as if at its last step
+        self.stop_at = stop_at  # end after this step, schedules unchanged (train.steps still sets them)
         self.last_step_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
@@ -428,7 +429,8 @@ class Trainer:
                     alert, self._rollback_request = self._rollback_request, None
                     self._rollback(alert)
                 self._train_step(params)
-                out_of_time = self.max_seconds is not None and time.monotonic() - t0 >= self.max_seconds
+                out_of_time = ((self.max_seconds is not None and time.monotonic() - t0 >= self.max_seconds)
+                               or self.step == self.stop_at)
                 is_last = self.step == total or out_of_time
                 do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
                 eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
@@ -469,7 +471,8 @@ class Trainer:
                 if is_last or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
                     self._checkpoint(self.elapsed_before + time.monotonic() - t0, "final" if is_last else "periodic")
                 if out_of_time:
-                    reason = f"time budget of {self.max_seconds:g} s reached at step {self.step}"
+                    reason = (f"stopped at step {self.step} as asked" if self.step == self.stop_at else
+                              f"time budget of {self.max_seconds:g} s reached at step {self.step}")
                     break
         except TrainingStopped as exc:
             state, reason = "stopped", str(exc)

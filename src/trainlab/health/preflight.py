@@ -339,13 +339,12 @@ def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, 
         shutil.rmtree(check_dir)
     (check_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(source, check_dir / "checkpoints" / source.name)
-    again = copy.deepcopy(pre)
-    again.train.steps = mid + 2
+    again = copy.deepcopy(pre)  # train.steps unchanged: schedules over the run's length stay the same
     again.log.every = 1
     again.eval.at_end = False
     again.log.progress = "off"
     recorder = StepLossRecorder()
-    Trainer(again, experiment, check_dir, device, observers=[recorder]).fit()
+    Trainer(again, experiment, check_dir, device, observers=[recorder], stop_at=mid + 2).fit()
     pairs = [(probe.step_losses[s], recorder.step_losses.get(s)) for s in (mid + 1, mid + 2)]
     exact = all(a == b for a, b in pairs)
     close = all(b is not None and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in pairs)
