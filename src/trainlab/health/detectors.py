@@ -124,10 +124,11 @@ class Divergence(LossWindowDetector):
                   and rise > self.cfg.divergence_min_rise * abs(self.baseline))
         back_above = self.was_below and level.above
         why = " and ".join(w for w, hit in (("a sustained rise", rising), ("back above the baseline", back_above)) if hit)
+        # one alert per episode: it re-arms only once the loss falls significantly again
         return self.edge(step, rising or back_above,
                          f"divergence ({why}): loss {_fmt(window[0])} -> {_fmt(window[-1])} over {len(window)} rows, "
                          f"best {_fmt(self.best)}, baseline {_fmt(self.baseline)}",
-                         p_value=trend.p_value, sen_slope=trend.sen_slope, window_mean=level.mean,
+                         clear=trend.trend == "decreasing", p_value=trend.p_value, sen_slope=trend.sen_slope, window_mean=level.mean,
                          window_ci=list(level.ci), best=self.best, onset_step=step)
 
 
