@@ -110,6 +110,8 @@ class Trainer:
         self.max_seconds = max_seconds  # a time budget: the run ends early, as if at its last step
         self.stop_at = stop_at  # end after this step, schedules unchanged (train.steps still sets them)
         self.last_step_loss: torch.Tensor | None = None
+        self._t0 = self._last_log_t = time.monotonic()
+        self._last_log_step = 0
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -419,8 +421,8 @@ class Trainer:
         write_status(self.run_dir, "running", self.step, total_steps=total, attempt=self.attempt)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        t0 = time.monotonic()
-        last_log_t, last_log_step = t0, self.step
+        self._t0 = self._last_log_t = time.monotonic()
+        self._last_log_step = self.step
         row: dict[str, Any] = dict(self.last_values)
         state, reason = "finished", ""
         try:
@@ -429,7 +431,7 @@ class Trainer:
                     alert, self._rollback_request = self._rollback_request, None
                     self._rollback(alert)
                 self._train_step(params)
-                out_of_time = ((self.max_seconds is not None and time.monotonic() - t0 >= self.max_seconds)
+                out_of_time = ((self.max_seconds is not None and time.monotonic() - self._t0 >= self.max_seconds)
                                or self.step == self.stop_at)
                 is_last = self.step == total or out_of_time
                 do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
@@ -437,39 +439,10 @@ class Trainer:
                 if is_last and eval_metrics:
                     self._draw(eval_metrics, f"final-step{self.step}", f"end of run, step {self.step}")
                 if self.step % cfg.log.every == 0 or is_last or do_eval:
-                    now = time.monotonic()
-                    row = self._log_row(eval_metrics, self.elapsed_before + now - t0, now - last_log_t,
-                                        self.step - last_log_step)
-                    last_log_t, last_log_step = now, self.step
-                    metrics_log.write(row)
-                    if tb:
-                        tb.write(self.step, row)
-                    progress.update(self.step, row, _steps_per_s(row, self.exp, cfg), final=is_last)
-                    for hook in self._on_row:
-                        hook(self, row)
-                    self._check_finite(row)
-                    promotion = self.curriculum.maybe_promote(self.step)
-                    if promotion:
-                        self.events.write(promotion)
-                        if cfg.eval.on_promotion:
-                            self._phase_end_eval(promotion)
-                if self._stop_request is not None:
-                    path = self._checkpoint(self.elapsed_before + time.monotonic() - t0, "health policy")
-                    raise TrainingStopped(f"{self._stop_request}; checkpoint saved to {path}")
-                if self.step % cfg.memory.every == 0:
-                    problem = self.guard.check(self.events.write)
-                    if problem:
-                        elapsed = self.elapsed_before + time.monotonic() - t0
-                        path = self._checkpoint(elapsed, "memory guard")
-                        raise TrainingStopped(f"memory guard: {problem} at step {self.step}; "
-                                              f"checkpoint saved to {path}")
-                if self._signal is not None:
-                    name, code = self._signal
-                    elapsed = self.elapsed_before + time.monotonic() - t0
-                    path = self._checkpoint(elapsed, name)
-                    raise Interrupted(name, code)
+                    row = self._log_step(eval_metrics, is_last, metrics_log, tb, progress)
+                self._stop_if_asked()
                 if is_last or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
-                    self._checkpoint(self.elapsed_before + time.monotonic() - t0, "final" if is_last else "periodic")
+                    self._checkpoint(self._elapsed(), "final" if is_last else "periodic")
                 if out_of_time:
                     reason = (f"stopped at step {self.step} as asked" if self.step == self.stop_at else
                               f"time budget of {self.max_seconds:g} s reached at step {self.step}")
@@ -487,9 +460,8 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             progress.close()
-            elapsed = self.elapsed_before + time.monotonic() - t0
             self.events.write({"kind": {"finished": "finish"}.get(state, state), "step": self.step,
-                               "reason": reason, "elapsed_s": round(elapsed, 3)})
+                               "reason": reason, "elapsed_s": round(self._elapsed(), 3)})
             write_status(self.run_dir, state, self.step, total_steps=total, reason=reason,
                          attempt=self.attempt)
             metrics_log.close()
@@ -500,7 +472,45 @@ class Trainer:
             close = getattr(self.data, "close", None)
             if callable(close):
                 close()
-        return RunResult("finished", self.step, total, row, self.elapsed_before + time.monotonic() - t0)
+        return RunResult("finished", self.step, total, row, self._elapsed())
+
+    def _elapsed(self) -> float:
+        """Training seconds over all attempts."""
+        return self.elapsed_before + time.monotonic() - self._t0
+
+    def _log_step(self, eval_metrics: dict, is_last: bool, metrics_log: MetricsLog, tb, progress: Progress) -> dict:
+        """The log step: the row (one host sync), its consumers, and the decisions made on it."""
+        now = time.monotonic()
+        row = self._log_row(eval_metrics, self._elapsed(), now - self._last_log_t, self.step - self._last_log_step)
+        self._last_log_t, self._last_log_step = now, self.step
+        metrics_log.write(row)
+        if tb:
+            tb.write(self.step, row)
+        progress.update(self.step, row, _steps_per_s(row, self.exp, self.cfg), final=is_last)
+        for hook in self._on_row:
+            hook(self, row)
+        self._check_finite(row)
+        promotion = self.curriculum.maybe_promote(self.step)
+        if promotion:
+            self.events.write(promotion)
+            if self.cfg.eval.on_promotion:
+                self._phase_end_eval(promotion)
+        return row
+
+    def _stop_if_asked(self) -> None:
+        """A health policy, the memory guard or a signal ends the run here, after a checkpoint."""
+        if self._stop_request is not None:
+            path = self._checkpoint(self._elapsed(), "health policy")
+            raise TrainingStopped(f"{self._stop_request}; checkpoint saved to {path}")
+        if self.step % self.cfg.memory.every == 0:
+            problem = self.guard.check(self.events.write)
+            if problem:
+                path = self._checkpoint(self._elapsed(), "memory guard")
+                raise TrainingStopped(f"memory guard: {problem} at step {self.step}; checkpoint saved to {path}")
+        if self._signal is not None:
+            name, code = self._signal
+            self._checkpoint(self._elapsed(), name)
+            raise Interrupted(name, code)
 
     def _check_finite(self, row: dict) -> None:
         bad = [k for k in ("loss", "grad_norm") if isinstance(row.get(k), float) and not math.isfinite(row[k])]
