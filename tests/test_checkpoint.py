@@ -147,3 +147,31 @@ def test_checkpoint_of_another_shape_names_the_tensors(tmp_path: Path):
         CheckpointStore.load(store.latest_valid(), _model(width=8), torch.device("cpu"))
     message = str(info.value)
     assert "0.weight [4, 3] vs model [8, 3]" in message and "2.weight" in message
+
+
+def test_disk_full_stops_cleanly_and_the_previous_checkpoint_survives(tmp_path: Path):
+    """A real full filesystem: a 700 KiB tmpfs holds three smoke checkpoints, not a fourth."""
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()[:80]})")
+    try:
+        run = ["run", "modadd", "--preset", "smoke", "--set", "ckpt.every=5", "--set", "ckpt.keep=3"]
+        out = trainlab(*run, "--run-dir", str(mnt / "r"), cwd=tmp_path)
+        assert out.returncode == 1, out.stderr
+        assert "disk full while writing checkpoint step_00000020" in out.stderr
+        assert "the previous checkpoint step_00000015 is intact" in out.stderr and "Traceback" not in out.stderr
+        store = CheckpointStore(mnt / "r" / "checkpoints", keep=3)
+        assert not [p for p in (mnt / "r" / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+        assert store.latest_valid().step == 15
+        shutil.copytree(mnt / "r", tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    again = trainlab(*run, "--run-dir", "moved", cwd=tmp_path)  # space again: it resumes from step 15
+    assert again.returncode == 0, again.stderr
+    resume = [e for e in read_events(tmp_path / "moved" / "events.jsonl") if e["kind"] == "resume"]
+    assert resume and resume[-1]["step"] == 15

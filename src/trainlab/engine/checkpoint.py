@@ -16,6 +16,7 @@ the previous one is used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from trainlab.errors import UsageError
+from trainlab.errors import TrainingStopped, UsageError
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
@@ -69,6 +70,17 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """ENOSPC/EDQUOT as such, or an error from a writer that hides the errno (torch.save raises a
+    RuntimeError from its C++ stream) while the filesystem has next to nothing left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
 def unused_sibling(path: Path, name: str) -> Path:
     """path's sibling called `name`, or `name-2`, `name-3`, ... whichever does not exist yet."""
     target, n = path.with_name(name), 1
@@ -104,6 +116,19 @@ class CheckpointStore:
         tmp = self.root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
+        try:
+            return self._save_into(tmp, final, step, model, state, info, best)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+            if _disk_full(exc, self.root):
+                previous = self.complete_dirs()
+                kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
+                raise TrainingStopped(f"disk full while writing checkpoint {final.name} in {self.root} "
+                                      f"({type(exc).__name__}); {kept}; free space and rerun to resume") from None
+            raise
+
+    def _save_into(self, tmp: Path, final: Path, step: int, model: nn.Module, state: dict, info: dict,
+                   best: bool) -> Path:
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
         torch.save(state, tmp / STATE_FILE)
