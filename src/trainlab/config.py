@@ -48,8 +48,11 @@ class TrainConfig:
         "auto", "auto = fp32 on CPU/MPS, bf16 on CUDA with bf16 support, else fp16 (with GradScaler)")
     seed: int = knob(0, "seed of weights, data and every RNG; data at step s is a pure function of (seed, s)", ge=0)
     deterministic: bool = knob(True, "deterministic algorithms (bitwise-exact resume on CPU)")
-    nonfinite: Literal["stop", "warn"] = knob(
-        "stop", "a non-finite loss or gradient norm at a log step: stop (exit 1) or warn and go on")
+    nonfinite: Literal["stop", "warn", "skip", "rollback"] = knob(
+        "stop", "a non-finite loss or gradient norm: stop (exit 1); warn; skip (a step with a non-finite "
+                "gradient norm is not applied -- costs one host sync per step); rollback (reload the last "
+                "checkpoint before the interval, scale the LR, up to health.rollback_max times). Checkpoints "
+                "from a non-finite interval are set aside under stop and rollback")
 
 
 @dataclass

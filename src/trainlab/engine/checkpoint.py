@@ -213,6 +213,15 @@ class CheckpointStore:
         self.on_event({"kind": "checkpoint_corrupt", "path": str(path), "reason": reason,
                        "moved_to": str(target)})
 
+    def set_aside_from(self, step: int, reason: str) -> None:
+        """Set aside (keep, never delete) every checkpoint of `step` or later."""
+        for path in self.complete_dirs():
+            if int(path.name[5:]) >= step:
+                self._set_aside(path, reason)
+        best = self.best_name()
+        if best and not (self.root / best).exists():
+            (self.root / "best.json").unlink(missing_ok=True)
+
     def latest_valid(self, before_step: int | None = None) -> Checkpoint | None:
         """The newest whole checkpoint (older than `before_step` if given); broken newer ones are set
         aside with an event each."""

@@ -35,7 +35,7 @@ from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.curriculum import Curriculum
 from trainlab.engine.logs import (ARRAYS_FILE, METRICS_FILE, EventLog, MetricsLog, TensorBoardLog, read_events,
                                   read_metrics)
-from trainlab.engine.memory import MemoryGuard
+from trainlab.engine.memory import MemoryGuard, empty_device_cache
 from trainlab.engine.progress import Progress
 from trainlab.engine.rundir import write_status
 from trainlab.engine.state import rng_state, seed_everything, set_rng_state
@@ -123,6 +123,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model = self.exp.build_model(cfg).to(device)
         self.model.train()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.run_dir)
         self.arrays = EventLog(self.run_dir, ARRAYS_FILE)
         self.data = self.exp.build_data(cfg, device)
@@ -144,6 +145,8 @@ class Trainer:
         self.last_lr = cfg.optim.lr
         self.lr_scale = 1.0  # scaled down by rollbacks
         self.rollbacks = 0
+        self.micro_split = 1  # doubled by each out-of-memory error
+        self.skipped_steps = 0  # steps not applied for a non-finite gradient (train.nonfinite=skip)
         self._stop_request: str | None = None
         self._rollback_request: dict | None = None
         self.monitor = HealthMonitor(cfg, self.exp.baseline_loss(cfg))
@@ -158,6 +161,8 @@ class Trainer:
             cols += [cfg.curriculum.name, "phase", "threshold", "gate_mean"]  # seed 002's column names
         if self.precision == "fp16":
             cols += ["amp_scale", "amp_skipped"]
+        if cfg.train.nonfinite == "skip":
+            cols += ["skipped_steps"]
         cols += [f"{self.exp.throughput_unit}_per_s", "ram_gb", "peak_ram_gb", "dev_mem_gb", "peak_dev_mem_gb"]
         return cols
 
@@ -195,6 +200,8 @@ class Trainer:
         self.last_values = dict(state.get("last_values", {}))
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = int(state.get("rollbacks", 0))
+        self.micro_split = int(state.get("micro_split", 1))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ health policies
     def request_stop(self, reason: str) -> None:
@@ -218,6 +225,7 @@ class Trainer:
         self._restore(self.store.load(ckpt, self.model, self.device))
         self.rollbacks = rollbacks + 1
         self.lr_scale = lr_scale * health.rollback_lr_factor
+        self._last_log_step = self.step  # the next row's interval starts at the restored step
         self.monitor.reset()
         self.monitor.replay([r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step])
         self.events.write({"kind": "rollback", "step": self.step, "from_step": alert["step"],
@@ -239,6 +247,8 @@ class Trainer:
             "last_values": self.last_values,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
+            "micro_split": self.micro_split,
+            "skipped_steps": self.skipped_steps,
         }
 
     def _is_best(self) -> bool:
@@ -278,19 +288,12 @@ class Trainer:
             group["lr"] = lr
         ctx = StepContext(step=self.step, level=self.curriculum.level,
                           weights=schedules.loss_weights(cfg.schedule, self.step, total))
-        accum = cfg.train.accum
-        step_loss = None
-        step_metrics: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
-            batch = self.data.batch(self.step, micro, ctx.level)
-            with autocast_context(self.precision, self.device):
-                loss, metrics = self.exp.loss(self.model, batch, ctx)
-            self.scaler.scale(loss / accum).backward()
-            part = loss.detach().float() / accum
-            step_loss = part if step_loss is None else step_loss + part
-            for k, v in metrics.items():
-                part = v.detach().float() / accum
-                step_metrics[k] = part if k not in step_metrics else step_metrics[k] + part
+        while True:
+            try:
+                step_loss, step_metrics = self._forward_backward(ctx)
+                break
+            except torch.OutOfMemoryError:
+                self._on_out_of_memory()
 
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
@@ -303,7 +306,12 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm(grads)
         for hook in self._before_update:  # gradients are unscaled and clipped here
             hook(self)
-        self.scaler.step(self.optimizer)
+        if cfg.train.nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):  # a host sync, skip mode only
+            self.skipped_steps += 1
+            self.events.write({"kind": "nonfinite_step_skipped", "step": self.step + 1,
+                               "grad_norm": float(grad_norm), "loss": float(step_loss)})
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scaler.is_enabled():
             # the scale shrinks exactly when the step was skipped for inf/nan gradients
@@ -325,6 +333,40 @@ class Trainer:
         if self.curriculum.enabled:
             self.curriculum.observe(step_metrics[cfg.curriculum.metric])
         self.step += 1
+
+    def _forward_backward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All micro-batches of one optimizer step; each split in `micro_split` parts after an
+        out-of-memory error (same samples, same effective batch, smaller activations)."""
+        parts = self.cfg.train.accum * self.micro_split
+        step_loss = None
+        step_metrics: dict[str, torch.Tensor] = {}
+        for micro in range(self.cfg.train.accum):
+            batch = self.data.batch(self.step, micro, ctx.level)
+            for piece in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
+                with autocast_context(self.precision, self.device):
+                    loss, metrics = self.exp.loss(self.model, piece, ctx)
+                self.scaler.scale(loss / parts).backward()
+                part = loss.detach().float() / parts
+                step_loss = part if step_loss is None else step_loss + part
+                for k, v in metrics.items():
+                    part = v.detach().float() / parts
+                    step_metrics[k] = part if k not in step_metrics else step_metrics[k] + part
+        return step_loss, step_metrics
+
+    def _on_out_of_memory(self) -> None:
+        """Halve the micro-batch (split each one in two more parts), keep the step and the effective
+        batch, and retry; refuse to go below one sample per micro-batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        empty_device_cache(self.device)
+        micro_batch = self.cfg.train.micro_batch
+        if micro_batch // (self.micro_split * 2) < 1:
+            raise TrainingStopped(f"out of device memory at step {self.step + 1} with a micro-batch of "
+                                  f"{micro_batch // self.micro_split}; it cannot be halved below 1")
+        self.micro_split *= 2
+        self.events.write({"kind": "out_of_memory", "step": self.step + 1,
+                           "micro_batch": micro_batch // self.micro_split,
+                           "accum": self.cfg.train.accum * self.micro_split,
+                           "effective_batch": micro_batch * self.cfg.train.accum})
 
     # ------------------------------------------------------------------ evaluation and logging
     def _evaluate(self, level: float | None) -> dict[str, torch.Tensor]:
@@ -381,7 +423,8 @@ class Trainer:
             tensors += [self.scaler._scale.float().reshape(()), self.amp_skipped.reshape(())]
         values = torch.stack([t.to(self.device) for t in tensors]).tolist() if tensors else []  # <- the sync
         row: dict[str, Any] = dict(zip(names, values))
-        row.update(step=self.step, attempt=self.attempt, elapsed_s=round(elapsed, 3), lr=self.last_lr)
+        row.update(step=self.step, attempt=self.attempt, elapsed_s=round(elapsed, 3), lr=self.last_lr,
+                   skipped_steps=self.skipped_steps)
         for name, w in schedules.loss_weights(self.cfg.schedule, max(self.step - 1, 0), self.cfg.train.steps).items():
             row[f"w_{name}"] = w
         if self.curriculum.enabled:
@@ -426,7 +469,7 @@ class Trainer:
         row: dict[str, Any] = dict(self.last_values)
         state, reason = "finished", ""
         try:
-            while self.step < total:
+            while self.step < total or self._rollback_request is not None:
                 if self._rollback_request is not None:
                     alert, self._rollback_request = self._rollback_request, None
                     self._rollback(alert)
@@ -441,6 +484,8 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or is_last or do_eval:
                     row = self._log_step(eval_metrics, is_last, metrics_log, tb, progress)
                 self._stop_if_asked()
+                if self._rollback_request is not None:
+                    continue  # never checkpoint the state a rollback is about to discard
                 if is_last or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
                     self._checkpoint(self._elapsed(), "final" if is_last else "periodic")
                 if out_of_time:
@@ -481,6 +526,7 @@ class Trainer:
     def _log_step(self, eval_metrics: dict, is_last: bool, metrics_log: MetricsLog, tb, progress: Progress) -> dict:
         """The log step: the row (one host sync), its consumers, and the decisions made on it."""
         now = time.monotonic()
+        first_step = self._last_log_step + 1
         row = self._log_row(eval_metrics, self._elapsed(), now - self._last_log_t, self.step - self._last_log_step)
         self._last_log_t, self._last_log_step = now, self.step
         metrics_log.write(row)
@@ -489,7 +535,7 @@ class Trainer:
         progress.update(self.step, row, _steps_per_s(row, self.exp, self.cfg), final=is_last)
         for hook in self._on_row:
             hook(self, row)
-        self._check_finite(row)
+        self._check_finite(row, first_step)
         promotion = self.curriculum.maybe_promote(self.step)
         if promotion:
             self.events.write(promotion)
@@ -512,19 +558,46 @@ class Trainer:
             self._checkpoint(self._elapsed(), name)
             raise Interrupted(name, code)
 
-    def _check_finite(self, row: dict) -> None:
+    def _check_finite(self, row: dict, first_step: int) -> None:
+        """A non-finite loss or gradient norm in the interval first_step..step, by train.nonfinite."""
         bad = [k for k in ("loss", "grad_norm") if isinstance(row.get(k), float) and not math.isfinite(row[k])]
         if not bad:
             return
+        policy = self.cfg.train.nonfinite
         detail = ", ".join(f"{k}={row[k]}" for k in bad)
-        self.events.write({"kind": "nonfinite", "step": self.step, "detail": detail,
-                           "policy": self.cfg.train.nonfinite})
-        if self.cfg.train.nonfinite == "stop":
-            raise TrainingStopped(f"non-finite {detail} in the log interval ending at step {self.step}; "
-                                  "no checkpoint was written from the broken weights (train.nonfinite=stop)")
+        self.events.write({"kind": "nonfinite", "step": self.step, "first_step": first_step, "detail": detail,
+                           "policy": policy})
+        if policy in ("warn", "skip"):  # skip: the broken steps were not applied; the row still shows them
+            return
+        # checkpoints written inside the broken interval may hold broken weights: set them aside
+        self.store.set_aside_from(first_step, f"saved inside the non-finite interval {first_step}-{self.step}")
+        if policy == "stop":
+            raise TrainingStopped(f"non-finite {detail} in the log interval {first_step}-{self.step}; "
+                                  "no checkpoint from that interval is kept (train.nonfinite=stop)")
+        self.request_rollback({"detector": "nonfinite", "step": self.step, "message": f"non-finite {detail}",
+                               "evidence": {"onset_step": first_step}})
 
 
 def _steps_per_s(row: dict, exp: Experiment, cfg: RunConfig) -> float:
     per_s = row.get(f"{exp.throughput_unit}_per_s")
     unit = exp.items_per_sample(cfg) * cfg.train.micro_batch * cfg.train.accum
     return per_s / unit if per_s else 0.0
+
+
+def split_batch(batch: Any, parts: int, micro_batch: int) -> list[Any]:
+    """`batch` cut into `parts` equal pieces along the sample axis: every tensor whose first
+    dimension is the micro-batch is chunked; tuples, lists and dicts are walked; anything else is
+    shared by all pieces."""
+    if parts == 1:
+        return [batch]
+
+    def piece(x: Any, i: int) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == micro_batch:
+            return x.chunk(parts)[i]
+        if isinstance(x, (tuple, list)):
+            return type(x)(piece(v, i) for v in x)
+        if isinstance(x, dict):
+            return {k: piece(v, i) for k, v in x.items()}
+        return x
+
+    return [piece(batch, i) for i in range(parts)]
