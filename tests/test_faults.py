@@ -108,9 +108,13 @@ def test_out_of_memory_below_one_sample_is_refused(tmp_path: Path):
         Trainer(cfg, NoMemory(), tmp_path / "r", torch.device("cpu")).fit()
 
 
-def test_split_batch_walks_structures():
+def test_split_batch_walks_structures_and_weights_uneven_pieces():
     batch = (torch.arange(8), {"y": torch.arange(8) * 2, "meta": "x"}, [torch.ones(8, 3)])
     pieces = split_batch(batch, 2, 8)
-    assert len(pieces) == 2 and torch.equal(pieces[1][0], torch.arange(4, 8))
-    assert torch.equal(pieces[0][1]["y"], torch.tensor([0, 2, 4, 6])) and pieces[0][1]["meta"] == "x"
-    assert pieces[1][2][0].shape == (4, 3)
+    assert [w for _, w in pieces] == [0.5, 0.5]
+    (first, _), (second, _) = pieces
+    assert torch.equal(second[0], torch.arange(4, 8))
+    assert torch.equal(first[1]["y"], torch.tensor([0, 2, 4, 6])) and first[1]["meta"] == "x"
+    assert second[2][0].shape == (4, 3)
+    uneven = split_batch((torch.arange(3),), 4, 3)  # 3 samples in 4 parts: 3 pieces of one, none empty
+    assert [len(p[0]) for p, _ in uneven] == [1, 1, 1] and sum(w for _, w in uneven) == 1.0

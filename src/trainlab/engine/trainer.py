@@ -337,19 +337,20 @@ class Trainer:
     def _forward_backward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """All micro-batches of one optimizer step; each split in `micro_split` parts after an
         out-of-memory error (same samples, same effective batch, smaller activations)."""
-        parts = self.cfg.train.accum * self.micro_split
+        accum = self.cfg.train.accum
         step_loss = None
         step_metrics: dict[str, torch.Tensor] = {}
-        for micro in range(self.cfg.train.accum):
+        for micro in range(accum):
             batch = self.data.batch(self.step, micro, ctx.level)
-            for piece in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
+            for piece, share in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
+                weight = share / accum  # a piece's loss is a mean over its samples: weight it by its size
                 with autocast_context(self.precision, self.device):
                     loss, metrics = self.exp.loss(self.model, piece, ctx)
-                self.scaler.scale(loss / parts).backward()
-                part = loss.detach().float() / parts
+                self.scaler.scale(loss * weight).backward()
+                part = loss.detach().float() * weight
                 step_loss = part if step_loss is None else step_loss + part
                 for k, v in metrics.items():
-                    part = v.detach().float() / parts
+                    part = v.detach().float() * weight
                     step_metrics[k] = part if k not in step_metrics else step_metrics[k] + part
         return step_loss, step_metrics
 
@@ -584,20 +585,21 @@ def _steps_per_s(row: dict, exp: Experiment, cfg: RunConfig) -> float:
     return per_s / unit if per_s else 0.0
 
 
-def split_batch(batch: Any, parts: int, micro_batch: int) -> list[Any]:
-    """`batch` cut into `parts` equal pieces along the sample axis: every tensor whose first
-    dimension is the micro-batch is chunked; tuples, lists and dicts are walked; anything else is
-    shared by all pieces."""
+def split_batch(batch: Any, parts: int, micro_batch: int) -> list[tuple[Any, float]]:
+    """`batch` cut into `parts` pieces along the sample axis, each with its share of the samples:
+    every tensor whose first dimension is the micro-batch is split (as evenly as the size allows;
+    empty pieces are dropped); tuples, lists and dicts are walked; anything else is shared."""
     if parts == 1:
-        return [batch]
+        return [(batch, 1.0)]
+    sizes = [len(c) for c in torch.arange(micro_batch).tensor_split(parts)]
 
     def piece(x: Any, i: int) -> Any:
         if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == micro_batch:
-            return x.chunk(parts)[i]
+            return x.tensor_split(parts)[i]
         if isinstance(x, (tuple, list)):
             return type(x)(piece(v, i) for v in x)
         if isinstance(x, dict):
             return {k: piece(v, i) for k, v in x.items()}
         return x
 
-    return [piece(batch, i) for i in range(parts)]
+    return [(piece(batch, i), n / micro_batch) for i, n in enumerate(sizes) if n]
