@@ -190,11 +190,15 @@ def cmd_runs(args) -> int:
 PREFLIGHT_DEFAULT_STEPS = 200
 
 
+def _print_claims(claims) -> None:
+    width = max(len(c.name) for c in claims)
+    for c in claims:
+        print(f"  {c.name.ljust(width)}  {c.verdict.upper():12s} {c.value}")
+
+
 def cmd_preflight(args) -> int:
-    from trainlab.config import dump_yaml
-    from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside
     from trainlab.health.preflight import run_preflight
-    from trainlab.launch import default_run_dir, load_target, resolve_device
+    from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
 
     experiment, cfg = load_target(args.target, args.preset, args.sets, None)
     steps = args.steps if args.steps is not None else PREFLIGHT_DEFAULT_STEPS
@@ -207,22 +211,13 @@ def cmd_preflight(args) -> int:
         raise UsageError(f"--max-seconds {args.max_seconds}: must be > 0")
     device = resolve_device(args.device)
     run_dir = Path(args.run_dir) if args.run_dir else Path(f"{default_run_dir(cfg)}-preflight")
-    check_usable(run_dir)
-    if has_run(run_dir):
-        RunLock(run_dir).acquire_and_release()
-        moved = move_aside(run_dir)
-        print(f"trainlab: the previous preflight was moved to {moved}", file=sys.stderr)
-    run_dir.mkdir(parents=True)
-    lock = RunLock(run_dir)
-    lock.acquire()
-    try:
-        (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
+    launch = Launch(experiment, cfg, run_dir, device)
+    launch.prepare(fresh=True)  # a preflight always starts anew; an old one is moved aside
+    for note in launch.notes:
+        print(f"trainlab: {note}", file=sys.stderr)
+    with launch.holding():
         result = run_preflight(experiment, cfg, device, run_dir, steps, planned, args.max_seconds)
-    finally:
-        lock.release()
-    width = max(len(c.name) for c in result.claims)
-    for c in result.claims:
-        print(f"  {c.name.ljust(width)}  {c.verdict.upper():12s} {c.value}")
+    _print_claims(result.claims)
     why = f": {'; '.join(result.reasons)}" if result.reasons else ""
     print(f"trainlab: preflight {result.verdict}{why} -> {run_dir / 'report.md'}")
     return 0 if result.verdict == "READY" else EXIT_STOPPED
@@ -233,9 +228,7 @@ def cmd_check(args) -> int:
 
     run_dir = Path(args.run_dir)
     alerts, claims = check_run(run_dir)
-    width = max(len(c.name) for c in claims)
-    for c in claims:
-        print(f"  {c.name.ljust(width)}  {c.verdict.upper():12s} {c.value}")
+    _print_claims(claims)
     serious = [a for a in alerts if a["severity"] in ("critical", "warn")]
     print(f"trainlab: check {run_dir}: {len(alerts)} alerts, {len(serious)} of them warnings or worse "
           f"-> {run_dir / 'check.json'}")

@@ -504,9 +504,7 @@ def resolve(experiment: Any, preset: str, file_data: dict | None = None,
         raise UsageError(f"unknown preset '{preset}' for experiment {experiment.name}; "
                          f"allowed: {', '.join(experiment.presets)}")
     root_types = {"model": experiment.model_config, "data": experiment.data_config}
-    data = to_dict(RunConfig(experiment=experiment.name, preset=preset,
-                             model=experiment.model_config(), data=experiment.data_config()))
-    data = merge(data, experiment.presets[preset].overrides)
+    data = merge(default_data(experiment, preset), experiment.presets[preset].overrides)
     if file_data:
         data = merge(data, {k: v for k, v in file_data.items() if k not in ("experiment", "preset")})
     for key, raw in overrides or []:
@@ -520,6 +518,18 @@ def resolve(experiment: Any, preset: str, file_data: dict | None = None,
     if steps is not None:
         set_path(data, "train.steps", steps)
     return build(experiment, data)
+
+
+def default_data(experiment: Any, preset: str = "") -> dict:
+    """Every key of a run of `experiment` at its dataclass default, as plain data."""
+    return to_dict(RunConfig(experiment=experiment.name, preset=preset,
+                             model=experiment.model_config(), data=experiment.data_config()))
+
+
+def build_saved(experiment: Any, data: dict) -> RunConfig:
+    """A run directory's config.yaml as a RunConfig.  One written by an older trainlab may lack a
+    section or key added since: the defaults fill it in."""
+    return build(experiment, merge(default_data(experiment, str(data.get("preset") or "")), data))
 
 
 def build(experiment: Any, data: dict) -> RunConfig:

@@ -5,6 +5,7 @@ Every refusal here happens before anything is written (exit code 2)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ class Launch:
         if fresh:
             RunLock(run_dir).acquire_and_release()
             self.moved_to = move_aside(run_dir)
-            self.notes.append(f"--fresh: the old run was moved to {self.moved_to}")
+            self.notes.append(f"starting anew: the old contents of {run_dir} were moved to {self.moved_to}")
             return
         saved = _read_saved_config(run_dir)
         new = config_mod.to_dict(cfg)
@@ -141,16 +142,22 @@ class Launch:
         if not path.exists():
             path.write_text(text, encoding="utf-8")
 
-    def run(self) -> RunResult:
+    @contextlib.contextmanager
+    def holding(self):
+        """The run directory created, locked for this process, with the resolved config in it."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir)
         lock.acquire()
         try:
             self.write_config()
+            yield
+        finally:
+            lock.release()
+
+    def run(self) -> RunResult:
+        with self.holding():
             trainer = Trainer(self.cfg, self.experiment, self.run_dir, self.device)
             if self.config_changes:
                 trainer.pending_events.append({"kind": "config_changed", "changes": {
                     k: [a, b] for k, (a, b) in self.config_changes.items()}})
             return trainer.fit()
-        finally:
-            lock.release()

@@ -386,11 +386,13 @@ class Trainer:
         tag = f"phase_end_{promotion['from_phase']}"
         for k, v in out.items():
             if v.numel() > 1:
-                self.arrays.write({"step": self.step, "name": k, "tag": tag,
-                                   "level": promotion["from_value"], "shape": list(v.shape),
-                                   "values": [round(x, 6) for x in v.detach().float().flatten().tolist()]})
+                self._write_array(k, v, tag=tag, level=promotion["from_value"])
         self._draw(out, f"{tag}-step{self.step}", f"phase {promotion['from_phase']} "
                    f"({self.cfg.curriculum.name} {promotion['from_value']:g}), step {self.step}")
+
+    def _write_array(self, name: str, value: torch.Tensor, **extra) -> None:
+        self.arrays.write({"step": self.step, "name": name, **extra, "shape": list(value.shape),
+                           "values": [round(x, 6) for x in value.detach().float().flatten().tolist()]})
 
     def _draw(self, out: dict[str, torch.Tensor], tag: str, caption: str) -> None:
         """2-D arrays the experiment names in `heatmaps` become SVG pictures in plots/."""
@@ -417,8 +419,7 @@ class Trainer:
                 names.append(k)
                 tensors.append(v.detach().float().reshape(()))
             else:  # maps and histograms go to eval_arrays.jsonl, not into the CSV
-                self.arrays.write({"step": self.step, "name": k, "shape": list(v.shape),
-                                   "values": [round(x, 6) for x in v.detach().float().flatten().tolist()]})
+                self._write_array(k, v)
         if self.precision == "fp16":
             names += ["amp_scale", "amp_skipped"]
             tensors += [self.scaler._scale.float().reshape(()), self.amp_skipped.reshape(())]

@@ -29,12 +29,7 @@ def load_run(run_dir: Path):
     if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
         raise UsageError(f"run directory {run_dir}: config.yaml has no 'experiment' key")
     experiment = get_experiment(data["experiment"])
-    # a run written by an older trainlab may lack newer sections: they take their defaults
-    defaults = config_mod.to_dict(config_mod.RunConfig(experiment=experiment.name, preset=str(data.get("preset", "")),
-                                                       model=experiment.model_config(),
-                                                       data=experiment.data_config()))
-    cfg = config_mod.build(experiment, config_mod.merge(defaults, data))
-    return experiment, cfg, read_metrics(run_dir / METRICS_FILE)
+    return experiment, config_mod.build_saved(experiment, data), read_metrics(run_dir / METRICS_FILE)
 
 
 def _needs(cfg, name: str, columns: set[str]) -> str | None:

@@ -51,18 +51,27 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
-class GradientProbe:
+class StepLossRecorder:
+    def __init__(self):
+        self.step_losses: dict[int, float] = {}
+
+    def after_update(self, trainer) -> None:
+        # the step counter is incremented after the observers run: trainer.step is this step's index
+        self.step_losses[trainer.step + 1] = float(trainer.last_step_loss)
+
+
+class GradientProbe(StepLossRecorder):
     """Trainer observer: per-parameter gradient presence and update-to-weight ratios, every
     `every`-th step, and every step's loss (preflight only: it syncs with the host each step,
     which a normal run never does)."""
 
     def __init__(self, every: int):
+        super().__init__()
         self.every = max(1, every)
         self.names: dict[int, str] = {}
         self.steps_seen = 0
         self.grad_seen: dict[str, int] = {}
         self.ratios: dict[str, list[float]] = {}
-        self.step_losses: dict[int, float] = {}
         self._before: dict[str, torch.Tensor] = {}
 
     def _params(self, trainer):
@@ -82,8 +91,7 @@ class GradientProbe:
             self._before[name] = p.detach().clone()
 
     def after_update(self, trainer) -> None:
-        # the step counter is incremented after the observers run: trainer.step is this step's index
-        self.step_losses[trainer.step + 1] = float(trainer.last_step_loss)
+        super().after_update(trainer)
         if not self._before:
             return
         for name, p in self._params(trainer):
@@ -92,14 +100,6 @@ class GradientProbe:
             if norm > 0:
                 self.ratios[name].append(float((p.detach().float() - before.float()).norm()) / norm)
         self._before = {}
-
-
-class StepLossRecorder:
-    def __init__(self):
-        self.step_losses: dict[int, float] = {}
-
-    def after_update(self, trainer) -> None:
-        self.step_losses[trainer.step + 1] = float(trainer.last_step_loss)
 
 
 @dataclass

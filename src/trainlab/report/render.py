@@ -109,14 +109,11 @@ def _load_run(run_dir: Path) -> _Run:
                status=read_status(run_dir), summary=summarize(run_dir))
     if config is not None:
         try:
-            from trainlab.config import RunConfig, build, merge, to_dict
+            from trainlab.config import build_saved
             from trainlab.experiment import get_experiment
 
             exp = run.experiment = get_experiment(str(config.get("experiment")))
-            # a config.yaml written by an older trainlab may lack a section added since: defaults fill it
-            defaults = to_dict(RunConfig(experiment=exp.name, preset=str(config.get("preset") or ""),
-                                         model=exp.model_config(), data=exp.data_config()))
-            run.cfg = build(exp, merge(defaults, config))
+            run.cfg = build_saved(exp, config)
         except Exception as exc:  # an unknown experiment or a config this version refuses
             run.cfg_note = " ".join(str(exc).split())[:200]
     plots = run_dir / "plots"
