@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from trainlab.engine.logs import read_metrics
 
 # Columns that measure the machine, not the run: they differ between two identical runs.
-VOLATILE = {"attempt", "elapsed_s", "samples_per_s", "ram_gb", "peak_ram_gb", "dev_mem_gb", "peak_dev_mem_gb"}
+VOLATILE = {"attempt", "elapsed_s", "samples_per_s", "tokens_per_s", "ram_gb", "peak_ram_gb", "dev_mem_gb", "peak_dev_mem_gb"}
 
 
 def cli_env() -> dict:

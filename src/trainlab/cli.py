@@ -1,4 +1,4 @@
-"""trainlab's command line: list · run · runs · config.
+"""trainlab's command line: list · run · runs · config · preflight · check · report · sweep.
 
 Exit codes: 0 finished (or nothing left to do); 1 stopped by a health policy or a training failure;
 2 invalid input (one line on stderr, nothing written); 130 after SIGINT, 143 after SIGTERM, each
@@ -60,6 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write report.md and report.html for a run directory")
     report.add_argument("run_dir")
+
+    sweep = sub.add_parser("sweep", help="a grid of runs, K at a time, each its own process; then the sweep report")
+    sweep.add_argument("target", help="experiment name, a run-config YAML, or a sweep YAML (one with grid:)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a config key and its values, e.g. --grid model.hidden=256,512 (repeatable: the "
+                            "points are every combination)")
+    sweep.add_argument("--preset", help="preset of every point")
+    sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override for every point (repeatable)")
+    sweep.add_argument("--steps", type=int, help="train.steps of every point")
+    sweep.add_argument("--parallel", type=int, help="points running at once (default 1)")
+    sweep.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device of every point (default auto)")
+    sweep.add_argument("--gpus", help="comma-separated GPU indices: each point gets one (least busy first); "
+                                      "default: points share the visible GPUs")
+    sweep.add_argument("--sweep-dir", help="where the points' run directories go (default runs/sweep-<experiment>-"
+                                           "<preset>-<grid keys>)")
+    sweep.add_argument("--backend", choices=["local", "ray"], help="local processes (default) or Ray tasks")
+    sweep.add_argument("--gpus-per-point", type=float, help="Ray backend: GPUs each point requests (default 1 "
+                                                            "where CUDA is available, else 0; 0.25 shares one by 4)")
+    sweep.add_argument("--ray-address", help="Ray backend: cluster address (default: start a local one)")
+    sweep.add_argument("--at", help="steps of the report's table, e.g. 1000,4000,10000 (default 10/40/100 %% "
+                                    "of train.steps)")
+    sweep.add_argument("--diverse-above", type=float, help="collapse metric at or above which a point counts as "
+                                                           "diverse (default: half the distinct true next tokens)")
+    sweep.add_argument("--report-only", action="store_true", help="write the report of the sweep directory "
+                                                                  "as it stands, run nothing")
 
     runs = sub.add_parser("runs", help="the runs under a root with their status")
     runs.add_argument("root", nargs="?", default="runs")
@@ -238,8 +264,16 @@ def cmd_check(args) -> int:
 def cmd_report(args) -> int:
     from trainlab.health.evidence import claims_for
     from trainlab.report.render import write_report
+    from trainlab.sweep.spec import MANIFEST
 
     run_dir = Path(args.run_dir)
+    if (run_dir / MANIFEST).is_file():  # a sweep directory: the sweep report
+        from trainlab.sweep.report import write_sweep_report
+
+        md, html, lines = write_sweep_report(run_dir)
+        print("\n".join(lines))
+        print(f"trainlab: wrote {md} and {html}")
+        return 0
     if not (run_dir / "metrics.csv").is_file():
         raise UsageError(f"run directory {run_dir}: no metrics.csv (not a trainlab run directory?)")
     try:
@@ -251,8 +285,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from trainlab.sweep.cli import run_sweep_command
+
+    return run_sweep_command(args)
+
+
 COMMANDS = {"list": cmd_list, "run": cmd_run, "runs": cmd_runs, "config": cmd_config,
-            "preflight": cmd_preflight, "check": cmd_check, "report": cmd_report}
+            "preflight": cmd_preflight, "check": cmd_check, "report": cmd_report, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

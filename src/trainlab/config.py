@@ -69,6 +69,10 @@ class OptimConfig:
     galore_update_every: int = knob(200, "steps between refreshes of GaLore's projection (an SVD of the "
                                          "gradient)", ge=1)
     galore_scale: float = knob(0.25, "GaLore's alpha: scale of the update projected back to full rank", gt=0)
+    lr_scale: Literal["none", "sqrt"] = knob(
+        "none", "scale the LR with the model's width: sqrt = optim.lr x sqrt(lr_scale_base / width) (seed 004's "
+                "follow-up for wide ternary models); the width is the experiment's (bitnet_lm: model.hidden)")
+    lr_scale_base: int = knob(256, "the width at which lr_scale leaves optim.lr unchanged", ge=1)
 
     def check(self, prefix: str) -> None:
         """Cross-field rules, after every field passed its own."""
@@ -97,9 +101,16 @@ class ScheduleConfig:
         "outside the points; e.g. {l2: [[0, 0], [0.1, 0.5], [0.4, 2.0]]}"))
     loss_weight_unit: Literal["fraction", "steps"] = knob(
         "fraction", "unit of the 'at' points of loss_weights: fraction of train.steps, or steps")
+    two_stage_at: float = knob(
+        0.0, "BitNet b1.58's two-stage recipe: after warmup the LR holds its peak with weight decay on (stage 1); "
+             "from this fraction of train.steps the LR decays (decay, to min_lr_ratio) and weight decay is 0 "
+             "(stage 2). 1 = stage 1 only; 0 = off (warmup/decay or phases as set)", ge=0, le=1)
 
     def check(self, prefix: str) -> None:
         """Cross-field rules, after every field passed its own."""
+        if self.two_stage_at > 0 and self.phases:
+            raise ConfigError(f"{prefix}.two_stage_at", "cannot be combined with explicit phases; "
+                              "set one of them (two_stage_at: 0 turns it off)")
         for i, phase in enumerate(self.phases):
             if phase.steps == 0 and i != len(self.phases) - 1:
                 raise ConfigError(f"{prefix}.phases[{i}].steps",

@@ -99,6 +99,16 @@ class Experiment(abc.ABC):
         written to eval_arrays.jsonl instead of metrics.csv."""
         return {}
 
+    def samples(self, model: nn.Module, data: DataStream, cfg: Any, step: int) -> dict[str, Any]:
+        """What the model produces at an evaluation, for people to read (generated text, say):
+        JSON-able values, written to samples.jsonl with the step.  Runs under no_grad and eval mode;
+        may sync with the host (evaluations only).  Optional."""
+        return {}
+
+    def width(self, cfg: Any) -> int | None:
+        """The model's width, for optim.lr_scale; None where width means nothing."""
+        return None
+
     def items_per_sample(self, cfg: Any) -> int:
         """How many throughput units one sample holds (tokens per sequence, say)."""
         return 1
@@ -106,7 +116,7 @@ class Experiment(abc.ABC):
 
 # Built-in experiments, each a module exposing EXPERIMENT.  Import is lazy so `trainlab list` and
 # config errors stay fast and one broken experiment cannot break the others' commands.
-_BUILTIN = ("trainlab.experiments.modadd", "trainlab.experiments.sha256")
+_BUILTIN = ("trainlab.experiments.modadd", "trainlab.experiments.sha256", "trainlab.experiments.bitnet_lm")
 
 
 def registry() -> dict[str, Experiment]:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 METRICS_FILE = "metrics.csv"
 EVENTS_FILE = "events.jsonl"
 ARRAYS_FILE = "eval_arrays.jsonl"  # non-scalar evaluation outputs (per-bit accuracy maps, ...)
+SAMPLES_FILE = "samples.jsonl"  # what a model produced at each evaluation (generated text, ...)
 
 
 def _close_partial_line(path: Path) -> None:

@@ -9,6 +9,10 @@ LR phases: within a phase of `n` steps, at offset t (0 <= t < n) the multiplier 
 so a phase reaches `end` exactly where the next one begins.  Past the last phase the final
 multiplier is held.  Without explicit phases: linear warmup 0 -> 1 over `warmup` steps, then
 `decay` from 1 to `min_lr_ratio` over the remaining steps.
+
+Two-stage (BitNet b1.58, `two_stage_at` = f > 0; Ma et al. 2024 and Microsoft's "Training Tips,
+Code and FAQ"): warmup, the peak LR held until step round(f x total) with weight decay on, then
+`decay` from the peak to `min_lr_ratio` with weight decay 0.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from trainlab.config import LRPhase, ScheduleConfig
 def lr_phases(cfg: ScheduleConfig, total_steps: int) -> list[tuple[int, int, LRPhase]]:
     """(first step, length, phase) for each phase; a phase of 0 steps runs to `total_steps`."""
     phases = list(cfg.phases)
+    if cfg.two_stage_at > 0:
+        return _two_stage_phases(cfg, total_steps)
     if not phases:
         if cfg.warmup:
             phases.append(LRPhase(kind="linear", steps=cfg.warmup, start=0.0, end=1.0))
@@ -33,6 +39,34 @@ def lr_phases(cfg: ScheduleConfig, total_steps: int) -> list[tuple[int, int, LRP
         out.append((begin, length, phase))
         begin += length
     return out
+
+
+def stage_two_begins(cfg: ScheduleConfig, total_steps: int) -> int | None:
+    """First step of the two-stage recipe's stage 2 (== total_steps: stage 1 only); None when off."""
+    if cfg.two_stage_at <= 0:
+        return None
+    return round(cfg.two_stage_at * total_steps)
+
+
+def _two_stage_phases(cfg: ScheduleConfig, total_steps: int) -> list[tuple[int, int, LRPhase]]:
+    boundary = stage_two_begins(cfg, total_steps)
+    warmup = min(cfg.warmup, boundary)
+    out = []
+    if warmup:
+        out.append((0, warmup, LRPhase(kind="linear", steps=warmup, start=0.0, end=1.0)))
+    if boundary > warmup:
+        out.append((warmup, boundary - warmup, LRPhase(kind="constant", steps=boundary - warmup, start=1.0)))
+    end = 1.0 if cfg.decay == "constant" else cfg.min_lr_ratio
+    length = max(total_steps - boundary, 1)
+    out.append((boundary, length, LRPhase(kind=cfg.decay, steps=length, start=1.0, end=end)))
+    return out
+
+
+def weight_decay_multiplier(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
+    """Multiplier of optim.weight_decay for the optimizer step `step`: 0 in stage 2 of the
+    two-stage recipe, 1 otherwise."""
+    boundary = stage_two_begins(cfg, total_steps)
+    return 0.0 if boundary is not None and step >= boundary else 1.0
 
 
 def _phase_value(phase: LRPhase, t: int, n: int) -> float:

@@ -33,8 +33,8 @@ from trainlab.config import RunConfig
 from trainlab.engine import schedules
 from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.curriculum import Curriculum
-from trainlab.engine.logs import (ARRAYS_FILE, METRICS_FILE, EventLog, MetricsLog, TensorBoardLog, read_events,
-                                  read_metrics)
+from trainlab.engine.logs import (ARRAYS_FILE, METRICS_FILE, SAMPLES_FILE, EventLog, MetricsLog, TensorBoardLog,
+                                  read_events, read_metrics)
 from trainlab.engine.memory import MemoryGuard, empty_device_cache
 from trainlab.engine.progress import Progress
 from trainlab.engine.rundir import write_status
@@ -42,7 +42,7 @@ from trainlab.engine.state import rng_state, seed_everything, set_rng_state
 from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped
 from trainlab.experiment import Experiment, StepContext
 from trainlab.health.monitor import HealthMonitor
-from trainlab.optim import build_optimizer
+from trainlab.optim import build_optimizer, width_lr_factor
 from trainlab.report.heatmap import svg_heatmap
 
 
@@ -126,6 +126,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.run_dir)
         self.arrays = EventLog(self.run_dir, ARRAYS_FILE)
+        # only experiments that draw samples get a samples.jsonl
+        draws_samples = type(self.exp).samples is not Experiment.samples
+        self.samples = EventLog(self.run_dir, SAMPLES_FILE) if draws_samples else None
         self.data = self.exp.build_data(cfg, device)
         attach = getattr(self.data, "attach", None)
         if callable(attach):  # a data stream may report events (a restarted producer, say)
@@ -142,7 +145,10 @@ class Trainer:
         self.best_value: float | None = None
         self.last_values: dict[str, float] = {}
         self.amp_skipped = torch.zeros((), device=device)
-        self.last_lr = cfg.optim.lr
+        # optim.lr_scale: the peak LR follows the model's width (seed 004's LR-scaling follow-up)
+        self.base_lr = cfg.optim.lr * width_lr_factor(cfg.optim, self.exp.width(cfg))
+        self.last_lr = self.base_lr
+        self.last_weight_decay = cfg.optim.weight_decay
         self.lr_scale = 1.0  # scaled down by rollbacks
         self.rollbacks = 0
         self.micro_split = 1  # doubled by each out-of-memory error
@@ -157,6 +163,8 @@ class Trainer:
         cols = ["step", "attempt", "elapsed_s", "lr", "loss", "grad_norm", "grad_norm_max"]
         cols += list(self.exp.train_metrics) + list(self.exp.eval_metrics)
         cols += [f"w_{name}" for name in cfg.schedule.loss_weights]
+        if cfg.schedule.two_stage_at > 0:
+            cols += ["weight_decay"]  # switched off in stage 2
         if self.curriculum.enabled:
             cols += [cfg.curriculum.name, "phase", "threshold", "gate_mean"]  # seed 002's column names
         if self.precision == "fp16":
@@ -171,7 +179,11 @@ class Trainer:
         ckpt = self.store.latest_valid()
         if ckpt is None:
             self.events.write({"kind": "start", "attempt": self.attempt, "device": str(self.device),
-                               "precision": self.precision, "pid": os.getpid()})
+                               "precision": self.precision, "pid": os.getpid(), **parameter_counts(self.model)})
+            if self.base_lr != self.cfg.optim.lr:
+                self.events.write({"kind": "lr_scaled", "rule": self.cfg.optim.lr_scale,
+                                   "width": self.exp.width(self.cfg), "base": self.cfg.optim.lr_scale_base,
+                                   "optim_lr": self.cfg.optim.lr, "peak_lr": self.base_lr})
             return
         self._restore(self.store.load(ckpt, self.model, self.device))
         self.monitor.replay([r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step])
@@ -283,9 +295,13 @@ class Trainer:
     def _train_step(self, params: list[torch.nn.Parameter]) -> None:
         cfg = self.cfg
         total = cfg.train.steps
-        lr = cfg.optim.lr * self.lr_scale * schedules.lr_multiplier(cfg.schedule, self.step, total)
+        lr = self.base_lr * self.lr_scale * schedules.lr_multiplier(cfg.schedule, self.step, total)
+        weight_decay = cfg.optim.weight_decay * schedules.weight_decay_multiplier(cfg.schedule, self.step, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if group.get("decays"):
+                group["weight_decay"] = weight_decay
+        self.last_weight_decay = weight_decay
         ctx = StepContext(step=self.step, level=self.curriculum.level,
                           weights=schedules.loss_weights(cfg.schedule, self.step, total))
         while True:
@@ -377,6 +393,17 @@ class Trainer:
         self.model.train()
         return out
 
+    def _write_samples(self) -> None:
+        """Text (or other) samples the experiment draws at an evaluation, kept in samples.jsonl."""
+        if self.samples is None:
+            return
+        self.model.eval()
+        with torch.no_grad(), autocast_context(self.precision, self.device):
+            samples = self.exp.samples(self.model, self.data, self.cfg, self.step)
+        self.model.train()
+        if samples:
+            self.samples.write({"step": self.step, **samples})
+
     def _phase_end_eval(self, promotion: dict) -> None:
         """Evaluate at the level just left: the phase's final held-out numbers and maps."""
         out = self._evaluate(promotion["from_value"])
@@ -426,7 +453,7 @@ class Trainer:
         values = torch.stack([t.to(self.device) for t in tensors]).tolist() if tensors else []  # <- the sync
         row: dict[str, Any] = dict(zip(names, values))
         row.update(step=self.step, attempt=self.attempt, elapsed_s=round(elapsed, 3), lr=self.last_lr,
-                   skipped_steps=self.skipped_steps)
+                   skipped_steps=self.skipped_steps, weight_decay=self.last_weight_decay)
         for name, w in schedules.loss_weights(self.cfg.schedule, max(self.step - 1, 0), self.cfg.train.steps).items():
             row[f"w_{name}"] = w
         if self.curriculum.enabled:
@@ -481,6 +508,8 @@ class Trainer:
                 is_last = self.step == total or out_of_time
                 do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
                 eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
+                if do_eval:
+                    self._write_samples()
                 if is_last and eval_metrics:
                     self._draw(eval_metrics, f"final-step{self.step}", f"end of run, step {self.step}")
                 if self.step % cfg.log.every == 0 or is_last or do_eval:
@@ -514,6 +543,8 @@ class Trainer:
             metrics_log.close()
             self.events.close()
             self.arrays.close()
+            if self.samples is not None:
+                self.samples.close()
             if tb:
                 tb.close()
             close = getattr(self.data, "close", None)
@@ -584,6 +615,15 @@ def _steps_per_s(row: dict, exp: Experiment, cfg: RunConfig) -> float:
     per_s = row.get(f"{exp.throughput_unit}_per_s")
     unit = exp.items_per_sample(cfg) * cfg.train.micro_batch * cfg.train.accum
     return per_s / unit if per_s else 0.0
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameters, and those in embedding tables (scaling laws count the rest, as Kaplan
+    et al. 2020 do)."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                    for p in m.parameters() if p.requires_grad)
+    return {"params": total, "params_embedding": embedding}
 
 
 def split_batch(batch: Any, parts: int, micro_batch: int) -> list[tuple[Any, float]]:

@@ -3,6 +3,8 @@ norm gains and embeddings' 1-D cousins hurts and is what nanoGPT and most LM rec
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,10 +18,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    # "decays" marks the group whose weight decay the schedule may switch off (two-stage recipe)
+    groups = [{"params": decay, "weight_decay": weight_decay, "decays": True}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "decays": False})
     return groups
+
+
+def width_lr_factor(cfg: OptimConfig, width: int | None) -> float:
+    """optim.lr_scale: the factor on optim.lr for a model of this width (1 when off or unknown)."""
+    if cfg.lr_scale == "none" or width is None:
+        return 1.0
+    return math.sqrt(cfg.lr_scale_base / width)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

@@ -1,0 +1,133 @@
+"""`trainlab sweep`: from the command line (or a sweep YAML) to points, processes, table and report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trainlab.errors import EXIT_STOPPED, UsageError
+from trainlab.sweep.spec import (SweepSpec, check_same_sweep, is_sweep_file, load_sweep_file, parse_grid,
+                                 read_manifest, write_manifest)
+
+
+def _steps_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--at {text!r}: expected comma-separated steps, e.g. --at 1000,4000,10000") from None
+    if not steps or min(steps) < 1:
+        raise UsageError(f"--at {text!r}: steps must be positive integers")
+    return steps
+
+
+def build_spec(args) -> SweepSpec:
+    file: dict = {}
+    target = args.target
+    if is_sweep_file(target):
+        file = load_sweep_file(target)
+        target = file["target"]
+    grid = list(file.get("grid", [])) + parse_grid(args.grid)
+    if not grid:
+        raise UsageError("sweep: no grid; give --grid KEY=V1,V2,... or a sweep YAML with grid:")
+    keys = [k for k, _ in grid]
+    if len(set(keys)) != len(keys):
+        raise UsageError(f"sweep: grid key {next(k for k in keys if keys.count(k) > 1)} is given twice "
+                         "(sweep file and --grid)")
+    sets = list(file.get("set", [])) + list(args.sets)
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        if key in keys:
+            raise UsageError(f"sweep: {key} is both a grid key and a --set; the grid gives it its values")
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        target = str(Path(target).resolve())  # points may start in another directory (Ray workers)
+    parallel = args.parallel if args.parallel is not None else file.get("parallel", 1)
+    if parallel < 1:
+        raise UsageError(f"--parallel {parallel}: must be >= 1")
+    gpus = args.gpus.split(",") if args.gpus else file.get("gpus", [])
+    if any(not g.strip().isdigit() for g in gpus):
+        raise UsageError(f"--gpus {','.join(gpus)}: expected comma-separated GPU indices, e.g. --gpus 0,1")
+    steps = args.steps if args.steps is not None else file.get("steps")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps {steps}: must be >= 1")
+    return SweepSpec(target=target, preset=args.preset or file.get("preset"), sets=sets, steps=steps, grid=grid,
+                     device=args.device or file.get("device", "auto"), parallel=parallel,
+                     backend=args.backend or file.get("backend", "local"), gpus=[g.strip() for g in gpus])
+
+
+def run_sweep_command(args) -> int:
+    from trainlab.launch import load_target, resolve_device
+    from trainlab.sweep.report import write_sweep_report
+    from trainlab.sweep.runner import PointState, Table, already_finished, run_local, run_ray
+
+    at = _steps_list(args.at)
+    if args.report_only:
+        if not args.sweep_dir:
+            raise UsageError("--report-only needs --sweep-dir (the sweep directory to report on)")
+        sweep_dir = Path(args.sweep_dir)
+        if read_manifest(sweep_dir) is None:
+            raise UsageError(f"sweep directory {sweep_dir}: no sweep.json (not a trainlab sweep directory?)")
+        md, html, lines = write_sweep_report(sweep_dir, at, args.diverse_above)
+        print("\n".join(lines))
+        print(f"trainlab: wrote {md} and {html}")
+        return 0
+    spec = build_spec(args)
+    if spec.device != "auto" and spec.backend == "local":
+        resolve_device(spec.device)  # refuse --device cuda on a machine without CUDA, before anything starts
+    points = spec.points()
+    # every point's config is resolved here, so a bad key or value stops the sweep before it starts
+    resolved = {}
+    for point in points:
+        experiment, cfg = load_target(spec.target, spec.preset, spec.sets + point.sets, spec.steps)
+        resolved[point.name] = (experiment, cfg)
+    experiment, cfg = resolved[points[0].name]
+    keys = "-".join(k.rsplit(".", 1)[-1] for k, _ in spec.grid)
+    sweep_dir = Path(args.sweep_dir) if args.sweep_dir else Path("runs") / f"sweep-{experiment.name}-{cfg.preset}-{keys}"
+    sweep_dir = sweep_dir.resolve()
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise UsageError(f"--sweep-dir {sweep_dir}: exists and is not a directory")
+    check_same_sweep(sweep_dir, spec)
+    write_manifest(sweep_dir, spec, points)
+
+    states = []
+    for point in points:
+        run_dir = sweep_dir / point.name
+        total = resolved[point.name][1].train.steps
+        state = PointState(point, run_dir, total)
+        if already_finished(run_dir, total):
+            state.state, state.note = "skipped", "finished before"
+        states.append(state)
+    skipped = sum(s.state == "skipped" for s in states)
+    print(f"trainlab: sweep of {len(points)} points into {sweep_dir} ({skipped} finished before, skipped); "
+          f"{spec.parallel} at a time, backend {spec.backend}; logs in {sweep_dir / 'logs'}", flush=True)
+    metric = cfg.health.collapse_metric
+    table = Table(states, metric)
+    table.update(force=True)
+    try:
+        if spec.backend == "ray":
+            import torch
+
+            per_point = args.gpus_per_point if args.gpus_per_point is not None else \
+                (1.0 if torch.cuda.is_available() else 0.0)
+            if per_point < 0:
+                raise UsageError(f"--gpus-per-point {per_point}: must be >= 0")
+            signal_code = run_ray(spec, states, table, sweep_dir / "logs", per_point, args.ray_address)
+        else:
+            signal_code = run_local(spec, states, table, sweep_dir / "logs")
+        table.update()
+    finally:
+        table.close()
+    md, html, lines = write_sweep_report(sweep_dir, at, args.diverse_above)
+    print("\n".join(lines))
+    print(f"trainlab: wrote {md} and {html}")
+    if signal_code is not None:
+        print("trainlab: sweep interrupted; the running points saved checkpoints; rerun the same command to "
+              "resume them", file=sys.stderr)
+        return signal_code
+    bad = [s for s in states if s.state not in ("finished", "skipped")]
+    if bad:
+        print("trainlab: " + "; ".join(f"{s.point.name} {s.state} (exit {s.exit_code}, log "
+                                       f"{sweep_dir / 'logs' / (s.point.name + '.log')})" for s in bad), file=sys.stderr)
+        return EXIT_STOPPED
+    return 0

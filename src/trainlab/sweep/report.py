@@ -1,0 +1,275 @@
+"""The sweep report: seed 004's table, overlaid curves, final loss against size with a fitted power
+law, and a conclusion reached by explicit rules, each printing the numbers it used.
+
+Sizes are parameter counts without embedding tables (Kaplan et al. 2020 count those), read from each
+point's start event.  Points are grouped by the grid keys outside `model.*` (an LR grid, say), and
+the size rules and the fit run within each group.
+
+The rules mirror seed 004's decision tree, on the collapse metric (distinct argmax predictions over a
+fixed validation batch) at the last evaluation of each point:
+  collapsed   value < health.collapse_min (seed 004: 10)
+  diverse     value >= the diverse threshold: --diverse-above, else half the distinct true next
+              tokens in the same batch (measured; a byte model cannot predict more kinds of token
+              than the text holds, so seed 004's "> 100 tokens" of a large vocabulary is relative here)
+  1. every size diverse                  -> "scaling fixes it from size <smallest>" (no collapse here)
+  2. the diverse sizes are all sizes >= X -> "scaling fixes it from size X"
+  3. no size diverse                     -> "no size stays diverse: LR is the lever" (next: lr_scale)
+  4. otherwise                           -> "non-monotonic: investigate"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainlab.report.render import _Figure, _Heading, _load_run, _Para, _Table, _to_html, _to_markdown
+from trainlab.report.svgplot import line_chart
+from trainlab.sweep.powerlaw import PowerLawFit, fit_power_law
+from trainlab.sweep.spec import read_manifest
+
+TABLE_FRACTIONS = (0.1, 0.4, 1.0)  # seed 004's steps 1k / 4k / 10k of a 10k run
+
+
+@dataclass
+class PointResult:
+    name: str
+    values: dict
+    run_dir: Path
+    state: str
+    step: int | None
+    total_steps: int | None
+    params: int | None  # without embeddings
+    loss_col: str
+    final_loss: float | None
+    metric_series: list[tuple[int, float]]
+    loss_series: list[tuple[int, float]]
+    distinct_targets: float | None
+    collapse_min: float | None
+
+
+@dataclass
+class Conclusion:
+    group: str
+    rule: str
+    verdict: str
+    numbers: list[str] = field(default_factory=list)
+
+
+def _value_at(series: list[tuple[int, float]], step: int) -> tuple[float, int] | None:
+    """The value logged at the largest step <= `step`, with that step."""
+    before = [(s, v) for s, v in series if s <= step]
+    return (before[-1][1], before[-1][0]) if before else None
+
+
+def load_points(sweep_dir: Path, manifest: dict) -> tuple[list[PointResult], str]:
+    out, metric = [], ""
+    for record in manifest["points"]:
+        run_dir = sweep_dir / record["name"]
+        if not (run_dir / "metrics.csv").is_file():
+            out.append(PointResult(record["name"], record["values"], run_dir, "not started", None, None, None, "",
+                                   None, [], [], None, None))
+            continue
+        run = _load_run(run_dir)
+        health = (run.config or {}).get("health") or {}
+        metric = metric or str(health.get("collapse_metric") or "")
+        start = run.first_start
+        params = start.get("params")
+        if isinstance(params, int) and isinstance(start.get("params_embedding"), int):
+            params -= start["params_embedding"]
+        loss_col = "val_loss" if run.series("val_loss") else "loss"
+        losses = run.series(loss_col)
+        targets = run.series("distinct_targets")
+        out.append(PointResult(
+            record["name"], record["values"], run_dir, run.summary.state, run.summary.step,
+            run.status.get("total_steps"), params, loss_col, losses[-1][1] if losses else None,
+            run.series(metric) if metric else [], losses, targets[-1][1] if targets else None,
+            float(health["collapse_min"]) if isinstance(health.get("collapse_min"), (int, float)) else None))
+    return out, metric
+
+
+def _size_label(p: PointResult) -> str:
+    model = {k: v for k, v in p.values.items() if k.startswith("model.")}
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in model.items()) or p.name
+
+
+def _group_label(p: PointResult) -> str:
+    other = {k: v for k, v in p.values.items() if not k.startswith("model.")}
+    return ", ".join(f"{k}={v}" for k, v in other.items()) or "all points"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def conclude(points: list[PointResult], collapse_min: float, diverse_above: float | None,
+             metric: str) -> list[Conclusion]:
+    """Seed 004's decision tree, per group of points that differ only in model.* keys."""
+    groups: dict[str, list[PointResult]] = {}
+    for p in points:
+        groups.setdefault(_group_label(p), []).append(p)
+    out = []
+    for label, members in groups.items():
+        if not metric:
+            out.append(Conclusion(label, "-", "no collapse metric in these runs (health.collapse_metric is empty): "
+                                              "no conclusion about collapse"))
+            continue
+        sized = sorted((p for p in members if p.params is not None and p.metric_series), key=lambda p: p.params)
+        if len(sized) < 2 or len({p.params for p in sized}) < 2:
+            out.append(Conclusion(label, "-", f"needs 2 or more sizes with measurements, has {len(sized)}: "
+                                              "no conclusion about size"))
+            continue
+        targets = [p.distinct_targets for p in sized if p.distinct_targets is not None]
+        if diverse_above is not None:
+            threshold, why = diverse_above, f"--diverse-above {diverse_above:g}"
+        elif targets:
+            median = sorted(targets)[len(targets) // 2]
+            threshold, why = median / 2, f"half the {median:g} distinct true next tokens in the batch"
+        else:
+            threshold, why = 100.0, "seed 004's 100 tokens (no distinct_targets logged)"
+        finals = [(p, p.metric_series[-1][1], p.metric_series[-1][0]) for p in sized]
+        numbers = [f"diverse threshold {threshold:g} ({why}); collapse below {collapse_min:g}"]
+        for p, v, step in finals:
+            kind = "diverse" if v >= threshold else "collapsed" if v < collapse_min else "partial"
+            low = min(x for _, x in p.metric_series)
+            dip = f", minimum {low:g}" if low < v else ""
+            numbers.append(f"{_size_label(p)} ({p.params:,} params): {metric} {v:g} at step {step}{dip} -> {kind}")
+        diverse = [v >= threshold for _, v, _ in finals]
+        if all(diverse):
+            rule, verdict = "1", (f"scaling fixes it from size {_size_label(sized[0])}: every size in this sweep "
+                                  f"stays diverse, so there is no collapse to fix at these settings")
+        elif not any(diverse):
+            rule, verdict = "3", ("no size stays diverse: LR is the lever; next: the same sweep with "
+                                  "--set optim.lr_scale=sqrt, or a lower optim.lr")
+        else:
+            first = diverse.index(True)
+            if all(diverse[first:]):
+                rule, verdict = "2", f"scaling fixes it from size {_size_label(sized[first])}"
+            else:
+                pattern = ", ".join(f"{_size_label(p)} {'diverse' if d else 'not'}" for (p, _, _), d in zip(finals, diverse))
+                rule, verdict = "4", f"non-monotonic: investigate ({pattern})"
+        out.append(Conclusion(label, rule, verdict, numbers))
+    return out
+
+
+def fits(points: list[PointResult], floor: float = 0.0) -> dict[str, PowerLawFit]:
+    groups: dict[str, list[PointResult]] = {}
+    for p in points:
+        if p.params is not None and p.final_loss is not None and math.isfinite(p.final_loss):
+            groups.setdefault(_group_label(p), []).append(p)
+    return {label: fit_power_law([p.params for p in ps], [p.final_loss for p in ps], floor=floor)
+            for label, ps in groups.items()}
+
+
+def table_steps(points: list[PointResult], at: list[int] | None) -> list[int]:
+    if at:
+        return sorted(at)
+    total = max((p.total_steps or 0 for p in points), default=0)
+    return sorted({max(1, round(total * f)) for f in TABLE_FRACTIONS}) if total else []
+
+
+def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
+                       diverse_above: float | None = None) -> tuple[Path, Path, list[str]]:
+    """Write sweep_report.md/.html and sweep_summary.json; returns their paths and the lines to print."""
+    manifest = read_manifest(sweep_dir)
+    if manifest is None:
+        from trainlab.errors import UsageError
+
+        raise UsageError(f"sweep directory {sweep_dir}: no sweep.json (not a trainlab sweep directory?)")
+    points, metric = load_points(sweep_dir, manifest)
+    collapse_min = next((p.collapse_min for p in points if p.collapse_min is not None), 10.0)
+    steps = table_steps(points, at)
+    conclusions = conclude(points, collapse_min, diverse_above, metric)
+    power = fits(points)
+
+    blocks: list = [_Heading(1, f"Sweep {sweep_dir.name}")]
+    grid = ", ".join(f"{k} = {', '.join(v)}" for k, v in manifest["grid"])
+    blocks.append(_Para(f"target {manifest['target']}, preset {manifest.get('preset') or '(default)'}, "
+                        f"grid {grid}; {len(points)} points. Every number below is read from the points' "
+                        "run directories."))
+    blocks.append(_Heading(2, "Conclusion"))
+    lines = []
+    for c in conclusions:
+        head = f"[{c.group}] rule {c.rule}: {c.verdict}"
+        lines.append(head)
+        lines += [f"    {n}" for n in c.numbers]
+        blocks.append(_Para(head))
+        if c.numbers:
+            blocks.append(_Table(["numbers used"], [[n] for n in c.numbers]))
+
+    blocks.append(_Heading(2, f"{metric or 'collapse metric'} by size and step (seed 004's table)"))
+    headers = ["point", "params (non-embedding)", "state"] + [f"step {s}" for s in steps] + ["final " + (
+        points[0].loss_col if points and points[0].loss_col else "loss")]
+    rows = []
+    for p in sorted(points, key=lambda p: (_group_label(p), p.params or 0)):
+        cells = [p.name, f"{p.params:,}" if p.params else "-", f"{p.state} at {_fmt(p.step)}/{_fmt(p.total_steps)}"]
+        for s in steps:
+            hit = _value_at(p.metric_series, s)
+            cells.append("-" if hit is None else f"{hit[0]:g}" + ("" if hit[1] == s else f" (step {hit[1]})"))
+        cells.append(_fmt(p.final_loss))
+        rows.append(cells)
+    blocks.append(_Table(headers, rows, css="numbers"))
+    lines.append("")
+    lines.append(" | ".join(headers))
+    lines += [" | ".join(r) for r in rows]
+
+    blocks.append(_Heading(2, "Final loss against size"))
+    for label, fit in power.items():
+        blocks.append(_Para(f"[{label}] {fit.describe()}"))
+        lines.append(f"[{label}] power law: {fit.describe()}")
+    plots = sweep_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    figures = _figures(points, metric, collapse_min, power)
+    for fig in figures:
+        (plots / fig.name).write_text(fig.svg, encoding="utf-8")
+    blocks += figures
+    md_path, html_path = sweep_dir / "sweep_report.md", sweep_dir / "sweep_report.html"
+    md_path.write_text(_to_markdown(blocks), encoding="utf-8")
+    html_path.write_text(_to_html(blocks, f"trainlab sweep {sweep_dir.name}"), encoding="utf-8")
+    summary = {
+        "metric": metric, "collapse_min": collapse_min, "table_steps": steps,
+        "points": [{"name": p.name, "values": p.values, "state": p.state, "step": p.step, "params": p.params,
+                    "final_loss": p.final_loss, "metric_at": {str(s): (_value_at(p.metric_series, s) or [None])[0]
+                                                              for s in steps}} for p in points],
+        "conclusions": [c.__dict__ for c in conclusions],
+        "fits": {k: {"E": f.E, "A": f.A, "alpha": f.alpha, "alpha_interval": f.alpha_interval,
+                     "E_interval": f.E_interval, "dof": f.dof, "note": f.note} for k, f in power.items()},
+    }
+    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return md_path, html_path, lines
+
+
+def _figures(points: list[PointResult], metric: str, collapse_min: float,
+             power: dict[str, PowerLawFit]) -> list[_Figure]:
+    figs = []
+    loss_col = next((p.loss_col for p in points if p.loss_col), "loss")
+    curves = [(p.name, p.loss_series) for p in points if p.loss_series]
+    if curves:
+        figs.append(_Figure("sweep-loss.svg", line_chart(curves, f"{loss_col} of every point", "step", loss_col),
+                            f"{loss_col} against step, one line per point"))
+    if metric:
+        series = [(p.name, p.metric_series) for p in points if p.metric_series]
+        if series:
+            figs.append(_Figure("sweep-collapse.svg", line_chart(
+                series, f"{metric} of every point", "step", metric,
+                hlines=[(collapse_min, f"collapse below {collapse_min:g}")]),
+                f"{metric} against step; below the dashed line the collapse detector fires"))
+    measured = [(p, p.params, p.final_loss) for p in points if p.params and p.final_loss is not None]
+    if len(measured) >= 2:
+        series = []
+        for label, fit in power.items():
+            pts = sorted((math.log10(n), loss) for p, n, loss in measured if _group_label(p) == label)
+            series.append((f"measured [{label}]", pts))
+            if fit.alpha is not None:
+                lo, hi = pts[0][0], pts[-1][0]
+                grid = [lo + (hi - lo) * i / 40 for i in range(41)]
+                series.append((f"fit [{label}]", [(g, float(fit.predict(10 ** g))) for g in grid]))
+        figs.append(_Figure("sweep-powerlaw.svg", line_chart(
+            series, f"final {loss_col} against size", "log10 parameters (non-embedding)", f"final {loss_col}"),
+            "final loss of each point against its size, with the fitted L = E + A N^-alpha"))
+    return figs
