@@ -193,6 +193,7 @@ def test_smoke_run_logs_metrics_samples_and_the_collapse_alert(tmp_path: Path):
     alerts = [e for e in events if e["kind"] == "alert" and e.get("detector") == "collapse"]
     assert alerts and "distinct_preds" in alerts[0]["message"], [e["kind"] for e in events]
     assert "distinct_preds" in proc.stdout
+    assert "## Samples" in (run / "report.md").read_text()  # the report shows what the model wrote
 
 
 def test_resume_is_exact(tmp_path: Path):

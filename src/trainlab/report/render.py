@@ -25,7 +25,8 @@ from urllib.parse import quote
 
 import yaml
 
-from trainlab.engine.logs import EVENTS_FILE, METRICS_FILE, read_events, read_header, read_metrics, read_rows
+from trainlab.engine.logs import (EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, read_events, read_header, read_metrics,
+                                  read_rows)
 from trainlab.engine.rundir import CONFIG_FILE, STATUS_FILE, read_status, summarize
 from trainlab.errors import UsageError
 from trainlab.report.svgplot import line_chart
@@ -727,6 +728,16 @@ def build_report(run_dir: Path, claims: list[Claim] | None = None,
             continue
         blocks.append(_Figure(path.name, safe, "", path.stem))
 
+    samples = read_events(run.path / SAMPLES_FILE)
+    if samples:
+        blocks.append(_Heading(2, "Samples"))
+        shown = [samples[0], samples[-1]] if len(samples) > 1 else samples
+        rows = [[str(s.get("step", "-")), key, Code(value[:SAMPLE_CHARS])] for s in shown
+                for key, value in s.items() if isinstance(value, str)]
+        blocks.append(_Para(f"What the model produced at its first and last evaluation ({len(samples)} in "
+                            f"{SAMPLES_FILE}; at most {SAMPLE_CHARS} characters each shown).", css="note"))
+        blocks.append(_Table(["step", "what", "text"], rows))
+
     # ------------------------------------------------------------------ numbers and events
     blocks.append(_Heading(2, "Numbers"))
     numbers = _numbers(run)
@@ -753,6 +764,9 @@ def build_report(run_dir: Path, claims: list[Claim] | None = None,
                f"plots/ ({len(run.heatmaps)} heatmap{'s' if len(run.heatmaps) != 1 else ''})"]
     blocks.append(_Para("Everything above is read from the run directory: " + "; ".join(sources) + ".", css="note"))
     return _to_markdown(blocks), _to_html(blocks, title), svgs
+
+
+SAMPLE_CHARS = 600
 
 
 def write_report(run_dir: Path, claims: list[Claim] | None = None, title: str | None = None) -> tuple[Path, Path]:

@@ -11,7 +11,7 @@ fixed validation batch) at the last evaluation of each point:
   diverse     value >= the diverse threshold: --diverse-above, else half the distinct true next
               tokens in the same batch (measured; a byte model cannot predict more kinds of token
               than the text holds, so seed 004's "> 100 tokens" of a large vocabulary is relative here)
-  1. every size diverse                  -> "scaling fixes it from size <smallest>" (no collapse here)
+  1. every size diverse                  -> "no size collapses" (scaling fixes it from the smallest)
   2. the diverse sizes are all sizes >= X -> "scaling fixes it from size X"
   3. no size diverse                     -> "no size stays diverse: LR is the lever" (next: lr_scale)
   4. otherwise                           -> "non-monotonic: investigate"
@@ -55,6 +55,7 @@ class Conclusion:
     rule: str
     verdict: str
     numbers: list[str] = field(default_factory=list)
+    diverse_threshold: float | None = None
 
 
 def _value_at(series: list[tuple[int, float]], step: int) -> tuple[float, int] | None:
@@ -141,8 +142,8 @@ def conclude(points: list[PointResult], collapse_min: float, diverse_above: floa
             numbers.append(f"{_size_label(p)} ({p.params:,} params): {metric} {v:g} at step {step}{dip} -> {kind}")
         diverse = [v >= threshold for _, v, _ in finals]
         if all(diverse):
-            rule, verdict = "1", (f"scaling fixes it from size {_size_label(sized[0])}: every size in this sweep "
-                                  f"stays diverse, so there is no collapse to fix at these settings")
+            rule, verdict = "1", (f"no size collapses: every size in this sweep stays diverse at these settings "
+                                  f"(scaling fixes it from the smallest size, {_size_label(sized[0])})")
         elif not any(diverse):
             rule, verdict = "3", ("no size stays diverse: LR is the lever; next: the same sweep with "
                                   "--set optim.lr_scale=sqrt, or a lower optim.lr")
@@ -153,7 +154,7 @@ def conclude(points: list[PointResult], collapse_min: float, diverse_above: floa
             else:
                 pattern = ", ".join(f"{_size_label(p)} {'diverse' if d else 'not'}" for (p, _, _), d in zip(finals, diverse))
                 rule, verdict = "4", f"non-monotonic: investigate ({pattern})"
-        out.append(Conclusion(label, rule, verdict, numbers))
+        out.append(Conclusion(label, rule, verdict, numbers, threshold))
     return out
 
 
@@ -167,10 +168,18 @@ def fits(points: list[PointResult], floor: float = 0.0) -> dict[str, PowerLawFit
 
 
 def table_steps(points: list[PointResult], at: list[int] | None) -> list[int]:
+    """--at as given; else the evaluated steps nearest 10 %, 40 % and 100 % of train.steps (seed 004's
+    1k / 4k / 10k of 10k), so every cell holds a measurement rather than an older one."""
     if at:
         return sorted(at)
     total = max((p.total_steps or 0 for p in points), default=0)
-    return sorted({max(1, round(total * f)) for f in TABLE_FRACTIONS}) if total else []
+    evaluated = sorted({s for p in points for s, _ in p.metric_series})
+    if not total:
+        return []
+    targets = [max(1, round(total * f)) for f in TABLE_FRACTIONS]
+    if not evaluated:
+        return targets
+    return sorted({min(evaluated, key=lambda s: (abs(s - t), s)) for t in targets})
 
 
 def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
@@ -224,7 +233,8 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
         lines.append(f"[{label}] power law: {fit.describe()}")
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
-    figures = _figures(points, metric, collapse_min, power)
+    thresholds = sorted({c.diverse_threshold for c in conclusions if c.diverse_threshold is not None})
+    figures = _figures(points, metric, collapse_min, thresholds, power)
     for fig in figures:
         (plots / fig.name).write_text(fig.svg, encoding="utf-8")
     blocks += figures
@@ -244,7 +254,7 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
     return md_path, html_path, lines
 
 
-def _figures(points: list[PointResult], metric: str, collapse_min: float,
+def _figures(points: list[PointResult], metric: str, collapse_min: float, thresholds: list[float],
              power: dict[str, PowerLawFit]) -> list[_Figure]:
     figs = []
     loss_col = next((p.loss_col for p in points if p.loss_col), "loss")
@@ -257,8 +267,10 @@ def _figures(points: list[PointResult], metric: str, collapse_min: float,
         if series:
             figs.append(_Figure("sweep-collapse.svg", line_chart(
                 series, f"{metric} of every point", "step", metric,
-                hlines=[(collapse_min, f"collapse below {collapse_min:g}")]),
-                f"{metric} against step; below the dashed line the collapse detector fires"))
+                hlines=[(collapse_min, f"collapse below {collapse_min:g}")] +
+                       [(t, f"diverse from {t:g}") for t in thresholds]),
+                f"{metric} against step; below the collapse line the collapse detector fires, from the "
+                "diverse line on a point counts as diverse in the conclusion"))
     measured = [(p, p.params, p.final_loss) for p in points if p.params and p.final_loss is not None]
     if len(measured) >= 2:
         series = []
