@@ -6,10 +6,15 @@ Figures (samples/s; a sample is one training example of the chosen mode at R rou
   shm       CPU producer processes filling the shared-memory ring (what the trainer receives)
   python    a plain per-sample Python loop over the rounds (the hashlib-style baseline)
   model     the training step of the preset's model (forward + backward + optimizer)
-and full 64-round traces/s of the device generator at a large batch.
+and full 64-round traces/s of the device generator at a large batch (2^20 on CUDA), eager and
+under torch.compile (the issue's plain-torch reference: ~3e8 traces/s compiled on an H100).
+Each figure runs for --seconds after one untimed warm-up call, one after the other (the shm
+producers fill their ring in the background, so they are not interleaved with the others).
 
-Usage: python bench/sha256_data.py [--device cpu|cuda] [--preset quick] [--rounds 16] [--seconds 3]
-The last lines are the summary: `name: value (ratio)`.
+Usage: python bench/sha256_data.py [--device cpu|cuda] [--preset quick|gpu] [--rounds 16] [--seconds 3]
+                                   [--compile | --no-compile]
+The figures print as `name: value (ratio)`; the last lines are the summary lines of bench/_common.py
+(targets, on CUDA: device generator >= 10x the model's consumption, 64-round traces >= 3e8/s).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+import _common as C
 from trainlab.config import resolve
 from trainlab.engine.state import step_seed
 from trainlab.experiment import get_experiment
@@ -68,12 +74,18 @@ def python_trace(block: bytes, rounds: int) -> list[list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--preset", default=None, help="sha256 preset of the model (default: quick on cpu, "
+                                                        "gpu on cuda)")
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--trace-batch", type=int, default=None, help="batch for the 64-round trace figure")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time torch.compile(compress_trace) (default: on cuda only)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    args.preset = args.preset or ("gpu" if device.type == "cuda" else "quick")
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    print(C.header(device, "SHA-256 data paths against the model's consumption"))
     exp = get_experiment("sha256")
     cfg = resolve(exp, args.preset, overrides=[("data.loader", "shm")])
     batch, mode, rounds = cfg.train.micro_batch, cfg.data.mode, args.rounds
@@ -122,12 +134,37 @@ def main() -> None:
     trace_batch = args.trace_batch or (2**20 if device.type == "cuda" else 2**14)
     big = torch.randint(0, 256, (trace_batch, 64), dtype=torch.uint8, device=device)
     trace_rate = rate(lambda: compress_trace(big, 64), trace_batch, args.seconds, device)
+    compiled_rate = None
+    if use_compile:
+        compiled = torch.compile(compress_trace, dynamic=False)
+        assert torch.equal(compiled(big, 64)[:8], compress_trace(big[:8], 64))  # same traces, one compile
+        compiled_rate = rate(lambda: compiled(big, 64), trace_batch, args.seconds, device)
 
     print(f"device generator: {device_rate:,.0f} samples/s ({device_rate / model_rate:.1f}x the model)")
     print(f"shm producers: {shm_rate:,.0f} samples/s ({shm_rate / model_rate:.1f}x the model)")
     print(f"python loop: {python_rate:,.0f} samples/s ({python_rate / model_rate:.2f}x the model)")
     print(f"model consumption: {model_rate:,.0f} samples/s")
-    print(f"64-round traces: {trace_rate:,.0f} traces/s at batch {trace_batch}")
+    print(f"64-round traces: {trace_rate:,.0f} traces/s at batch {trace_batch} (eager)")
+    if compiled_rate is not None:
+        print(f"64-round traces: {compiled_rate:,.0f} traces/s at batch {trace_batch} (torch.compile)")
+    best_trace = max(trace_rate, compiled_rate or 0.0)
+    ratio = device_rate / model_rate
+    if device.type == "cuda":
+        lines = [C.summary("sha256 data, GPU generator / model consumption", f"{ratio:.1f}x "
+                           f"({C.fmt_rate(device_rate)} vs {C.fmt_rate(model_rate)} samples/s, preset {args.preset})",
+                           ">= 10x", C.verdict(ratio >= 10)),
+                 C.summary("sha256 data, 64-round traces/s on the GPU", f"{best_trace:.3g} at batch {trace_batch}"
+                           f" ({'compiled' if best_trace == compiled_rate else 'eager'})", ">= 3e8",
+                           C.verdict(best_trace >= 3e8))]
+    else:
+        lines = [C.summary("sha256 data, GPU generator / model consumption",
+                           f"not measured on {device.type} (needs CUDA); on {device.type}: device generator "
+                           f"{ratio:.1f}x, shm producers {shm_rate / model_rate:.1f}x, python loop "
+                           f"{python_rate / model_rate:.2f}x the model", ">= 10x on the GPU", "not measured"),
+                 C.summary("sha256 data, 64-round traces/s on the GPU",
+                           f"not measured on {device.type} (needs CUDA); on {device.type}: {best_trace:.3g} at batch "
+                           f"{trace_batch}", ">= 3e8 on the GPU", "not measured")]
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ class TrainConfig:
         "auto", "auto = fp32 on CPU/MPS, bf16 on CUDA with bf16 support, else fp16 (with GradScaler)")
     seed: int = knob(0, "seed of weights, data and every RNG; data at step s is a pure function of (seed, s)", ge=0)
     deterministic: bool = knob(True, "deterministic algorithms (bitwise-exact resume on CPU)")
+    compile: bool = knob(False, "torch.compile the model for the training step (evaluation stays eager); the "
+                                "first steps pay the compilation")
     nonfinite: Literal["stop", "warn", "skip", "rollback"] = knob(
         "stop", "a non-finite loss or gradient norm: stop (exit 1); warn; skip (a step with a non-finite "
                 "gradient norm is not applied -- costs one host sync per step); rollback (reload the last "
@@ -181,7 +183,8 @@ class MemoryConfig:
     host_measure: Literal["process", "system"] = knob(
         "process", "process = RSS of this process and its children; system = machine-wide used RAM")
     device_ceiling_gb: float = knob(0.0, "device memory ceiling in GB (allocated by torch); 0 = none", ge=0)
-    every: int = knob(10, "optimizer steps between memory polls", ge=1)
+    every: int = knob(10, "optimizer steps between memory polls (with a ceiling set; without one, memory is "
+                          "read at log rows only)", ge=1)
     pause_s: float = knob(0.0, "seconds to wait for memory to drain before stopping; 0 = stop at once", ge=0)
 
 

@@ -123,6 +123,9 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model = self.exp.build_model(cfg).to(device)
         self.model.train()
+        # the compiled wrapper runs the training step; checkpoints, evaluation and samples use the module
+        # itself (its state_dict keys stay unprefixed, and evaluation shapes cause no recompiles)
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.run_dir)
         self.arrays = EventLog(self.run_dir, ARRAYS_FILE)
@@ -361,7 +364,7 @@ class Trainer:
             for piece, share in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
                 weight = share / accum  # a piece's loss is a mean over its samples: weight it by its size
                 with autocast_context(self.precision, self.device):
-                    loss, metrics = self.exp.loss(self.model, piece, ctx)
+                    loss, metrics = self.exp.loss(self.step_model, piece, ctx)
                 self.scaler.scale(loss * weight).backward()
                 part = loss.detach().float() * weight
                 step_loss = part if step_loss is None else step_loss + part
@@ -581,7 +584,7 @@ class Trainer:
         if self._stop_request is not None:
             path = self._checkpoint(self._elapsed(), "health policy")
             raise TrainingStopped(f"{self._stop_request}; checkpoint saved to {path}")
-        if self.step % self.cfg.memory.every == 0:
+        if self.guard.watching and self.step % self.cfg.memory.every == 0:
             problem = self.guard.check(self.events.write)
             if problem:
                 path = self._checkpoint(self._elapsed(), "memory guard")

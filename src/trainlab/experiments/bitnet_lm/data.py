@@ -1,5 +1,6 @@
 """Text for the language model: the embedded corpus or a user's files, a fixed train/validation
-split, byte or BPE tokens, and batches that are a pure function of (seed, step, micro).
+split, byte or BPE tokens, and batches that are a pure function of (seed, step, micro) for a given
+device (the window offsets come from the device's own generator).
 
 Split: the text is cut into blocks of `split_block` characters; a generator seeded with
 `split_seed` picks `val_fraction` of the blocks for validation.  Each side keeps its blocks in their
@@ -175,6 +176,7 @@ class TextStream:
         self.train = self.corpus.train.to(device)
         self.train_bpb_factor = self.corpus.bits_per_byte_factor("train")
         self._offsets = torch.arange(self.seq_len + 1, device=device)
+        self._generator = torch.Generator(device=device)
         val = self.corpus.val
         n = cfg.data.eval_sequences
         # evenly spaced, fixed windows over the validation text: the same batch at every evaluation
@@ -183,9 +185,12 @@ class TextStream:
         self.eval_x, self.eval_y = windows[:, :-1].to(device), windows[:, 1:].to(device)
 
     def batch(self, step: int, micro: int, level: float | None):
-        generator = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, step, micro))
-        starts = torch.randint(0, len(self.train) - self.seq_len - 1, (self.micro_batch, 1), generator=generator)
-        windows = self.train[starts.to(self.device) + self._offsets]
+        # offsets drawn on the training device: a CPU draw copied over would make the host wait for
+        # the GPU once per step (a pageable host-to-device copy synchronises)
+        generator = self._generator.manual_seed(step_seed(self.cfg.train.seed, step, micro))
+        starts = torch.randint(0, len(self.train) - self.seq_len - 1, (self.micro_batch, 1), generator=generator,
+                               device=self.device)
+        windows = self.train[starts + self._offsets]
         return windows[:, :-1], windows[:, 1:], self.train_bpb_factor
 
 

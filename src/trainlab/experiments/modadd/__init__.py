@@ -47,8 +47,10 @@ class PairData:
         n = len(self.train_y)
         if self.micro_batch >= n:  # full-batch training, the grokking papers' setting
             return self.train_x, self.train_y
-        g = torch.Generator().manual_seed(step_seed(self.seed, step, micro))
-        idx = torch.randperm(n, generator=g)[: self.micro_batch].to(self.device)
+        # drawn on the training device: a CPU draw copied over would make the host wait for the GPU
+        # (a pageable host-to-device copy synchronises) once per step
+        g = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, micro))
+        idx = torch.randperm(n, generator=g, device=self.device)[: self.micro_batch]
         return self.train_x[idx], self.train_y[idx]
 
 
