@@ -8,8 +8,8 @@ A <= 0 is reported as "loss does not fall with size", not forced.
 
 Interval: the profile-likelihood interval of alpha at level 1 - `alpha_level` -- the alphas whose
 best residual sum of squares stays below RSS_min * (1 + t^2 / dof), t the Student quantile with
-dof = n - 3.  With 3 points the curve passes through them exactly (dof 0): no interval exists and the
-fit says so instead of inventing one.  The interval of E is the range of E over that alpha interval.
+dof = n - 3.  With 3 points no degree of freedom is left (the curve passes through them unless E
+sits at its bound): no interval exists and the fit says so instead of inventing one.  The interval of E is the range of E over that alpha interval.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def fit_power_law(params: list[float], losses: list[float], floor: float = 0.0,
     interval = e_interval = None
     note = ""
     if dof == 0:
-        note = "3 points and 3 parameters: the curve passes through them, no interval (add sizes for one)"
+        note = ("3 sizes for 3 parameters: no degree of freedom is left for an interval (add sizes for one)"
+                + ("" if E > floor else f"; E sits at its bound {floor:g}, so the fit is not exact"))
     else:
         t = _t_ppf(1 - alpha_level / 2, dof)
         limit = rss * (1 + t * t / dof) + 1e-15 * max(float(np.dot(y, y)), 1.0)

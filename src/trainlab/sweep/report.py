@@ -14,7 +14,9 @@ fixed validation batch) at the last evaluation of each point:
   1. every size diverse                  -> "no size collapses" (scaling fixes it from the smallest)
   2. the diverse sizes are all sizes >= X -> "scaling fixes it from size X"
   3. no size diverse                     -> "no size stays diverse: LR is the lever" (next: lr_scale)
-  4. otherwise                           -> "non-monotonic: investigate"
+  4. the diverse sizes are all sizes <= X -> "larger sizes lose diversity: LR is the lever"
+  5. otherwise                           -> "non-monotonic: investigate"
+A point within 10 % of the diverse threshold is named: the verdict hangs on it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class PointResult:
     loss_series: list[tuple[int, float]]
     distinct_targets: float | None
     collapse_min: float | None
+    lr_scale: str = "none"
 
 
 @dataclass
@@ -86,7 +89,8 @@ def load_points(sweep_dir: Path, manifest: dict) -> tuple[list[PointResult], str
             record["name"], record["values"], run_dir, run.summary.state, run.summary.step,
             run.status.get("total_steps"), params, loss_col, losses[-1][1] if losses else None,
             run.series(metric) if metric else [], losses, targets[-1][1] if targets else None,
-            float(health["collapse_min"]) if isinstance(health.get("collapse_min"), (int, float)) else None))
+            float(health["collapse_min"]) if isinstance(health.get("collapse_min"), (int, float)) else None,
+            str(((run.config or {}).get("optim") or {}).get("lr_scale", "none"))))
     return out, metric
 
 
@@ -145,17 +149,28 @@ def conclude(points: list[PointResult], collapse_min: float, diverse_above: floa
             rule, verdict = "1", (f"no size collapses: every size in this sweep stays diverse at these settings "
                                   f"(scaling fixes it from the smallest size, {_size_label(sized[0])})")
         elif not any(diverse):
-            rule, verdict = "3", ("no size stays diverse: LR is the lever; next: the same sweep with "
-                                  "--set optim.lr_scale=sqrt, or a lower optim.lr")
+            rule, verdict = "3", f"no size stays diverse: LR is the lever; next: {_next_lr_step(sized)}"
         else:
-            first = diverse.index(True)
+            first, last = diverse.index(True), len(diverse) - 1 - diverse[::-1].index(True)
+            pattern = ", ".join(f"{_size_label(p)} {'diverse' if d else 'not'}" for (p, _, _), d in zip(finals, diverse))
             if all(diverse[first:]):
                 rule, verdict = "2", f"scaling fixes it from size {_size_label(sized[first])}"
+            elif all(diverse[:last + 1]):
+                rule, verdict = "4", (f"larger sizes lose diversity (diverse up to {_size_label(sized[last])} only): "
+                                      f"LR is the lever; next: {_next_lr_step(sized)}")
             else:
-                pattern = ", ".join(f"{_size_label(p)} {'diverse' if d else 'not'}" for (p, _, _), d in zip(finals, diverse))
-                rule, verdict = "4", f"non-monotonic: investigate ({pattern})"
+                rule, verdict = "5", f"non-monotonic: investigate ({pattern})"
+        fragile = [f"{_size_label(p)} {v:g}" for p, v, _ in finals if abs(v - threshold) <= 0.1 * threshold]
+        if fragile:
+            numbers.append(f"within 10 % of the diverse threshold, so the verdict hangs on them: {', '.join(fragile)}")
         out.append(Conclusion(label, rule, verdict, numbers, threshold))
     return out
+
+
+def _next_lr_step(points: list[PointResult]) -> str:
+    if all(p.lr_scale == "sqrt" for p in points):
+        return "a lower optim.lr (these points already scale it by sqrt(lr_scale_base / width))"
+    return "the same sweep with --set optim.lr_scale=sqrt, or a lower optim.lr"
 
 
 def fits(points: list[PointResult], floor: float = 0.0) -> dict[str, PowerLawFit]:

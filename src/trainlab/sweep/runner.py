@@ -259,8 +259,13 @@ def run_ray(spec: SweepSpec, states: list[PointState], table: Table, log_dir: Pa
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} (ray) {' '.join(cmd)}\n")
             log.flush()
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  env=env, preexec_fn=_die_with_parent).returncode
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=_die_with_parent)
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # ray.cancel: let the point save its checkpoint (run() would SIGKILL it)
+                proc.send_signal(signal.SIGINT)
+                return proc.wait()
 
     pending = [s for s in states if s.state == "pending"]
     in_flight: dict = {}
@@ -269,8 +274,9 @@ def run_ray(spec: SweepSpec, states: list[PointState], table: Table, log_dir: Pa
             while pending or in_flight:
                 if signals.received is not None:
                     for ref in in_flight:
-                        ray.cancel(ref, force=False)  # KeyboardInterrupt in the task; the point's
-                    return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM  # own handler saves
+                        ray.cancel(ref, force=False)  # a KeyboardInterrupt in the task, which passes SIGINT on
+                    ray.wait(list(in_flight), num_returns=len(in_flight), timeout=120)
+                    return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
                 while pending and len(in_flight) < spec.parallel:
                     s = pending.pop(0)
                     ref = run_point.options(num_gpus=gpus_per_point, num_cpus=1).remote(
