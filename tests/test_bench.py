@@ -84,7 +84,8 @@ def test_bitlinear_saved_bytes_counts_what_backward_keeps():
     import contextlib
     saved = {k: __import__("bitlinear_speed").saved_bytes(m, x, contextlib.nullcontext) for k, m in mods.items()}
     assert saved["linear"] == 0  # nn.Linear keeps only its input and weight, which exist anyway
-    assert saved["bit"] > saved["dense"] > 0
+    # the plain-autograd BitLinear keeps float32 copies; the default one int8 codes and per-token floats
+    assert saved["ref"] > saved["dense"] > saved["bit"] > 0
 
 
 def test_flops_per_token_formula():

@@ -1,12 +1,15 @@
 """BitLinear b1.58: hand-computed values, both quantisers, the straight-through gradient, learning through
-it, the packed ternary export and its exact reload, autocast."""
+it, the packed ternary export and its exact reload, autocast; the fused autograd path against the
+plain-autograd reference (values bit for bit, gradients, what backward keeps)."""
 
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from trainlab.nn import (
     BitLinear,
@@ -312,3 +315,164 @@ def test_low_precision_inputs_quantise_in_float32():
     layer = BitLinear(64, 4).to(torch.bfloat16)
     out = layer(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# --- the fused autograd path (BitLinearFunction, the default) against the plain-autograd reference ---
+
+def _values_and_grads(layer: BitLinear, x: Tensor, upstream: Tensor, fused: bool) -> dict[str, Tensor]:
+    layer.fused = fused
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x)
+    y.backward(upstream.to(y.dtype))
+    out = {"y": y.detach(), "weight": layer.weight.grad, "gain": layer.norm.weight.grad}
+    if x.requires_grad:
+        out["x"] = x.grad
+    if layer.bias is not None:
+        out["bias"] = layer.bias.grad
+    return out
+
+
+def _assert_grads_close(fused: dict[str, Tensor], reference: dict[str, Tensor]) -> None:
+    assert fused.keys() == reference.keys()
+    for key in fused.keys() - {"y"}:
+        ref = reference[key]
+        assert fused[key].dtype == ref.dtype, key
+        # reordered float32 sums only: 1e-5 of the gradient's own scale
+        torch.testing.assert_close(fused[key], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=key)
+
+
+@pytest.mark.parametrize("shape, out_features, bias", [
+    ((16, 24), 12, False),
+    ((16, 24), 12, True),
+    ((3, 7, 24), 20, False),
+    ((3, 7, 24), 20, True),
+    ((2, 3, 5, 24), 8, True),
+    ((24,), 5, True),
+])
+def test_fused_path_matches_reference_values_exactly_and_gradients(shape, out_features, bias):
+    torch.manual_seed(len(shape) * 100 + out_features + bias)
+    layer = BitLinear(shape[-1], out_features, bias=bias)
+    with torch.no_grad():
+        layer.norm.weight.uniform_(-1.5, 1.5)  # a gain away from 1, with signs, so its gradient matters
+        if bias:
+            layer.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(shape) * 3.0
+    if len(shape) > 1:
+        x[0] *= 1e3  # a loud token and a near-silent one: different per-token scales
+        x[-1] *= 1e-4
+    x.requires_grad_()
+    upstream = torch.randn(*shape[:-1], out_features)
+    fused = _values_and_grads(layer, x, upstream, fused=True)
+    reference = _values_and_grads(layer, x, upstream, fused=False)
+    assert torch.equal(fused["y"], reference["y"])  # bit for bit
+    _assert_grads_close(fused, reference)
+
+
+def test_fused_path_matches_reference_with_pinned_scale_and_partial_grads():
+    source = make_model(seed=14)[0]
+    layer = BitLinear(source.in_features, source.out_features, bias=True)
+    load_ternary_state(layer, export_ternary_state(source))  # pins the exported scale
+    assert layer.pinned_weight_scale is not None
+    x = torch.randn(4, 6, source.in_features)  # input that needs no gradient
+    upstream = torch.randn(4, 6, source.out_features)
+    fused = _values_and_grads(layer, x, upstream, fused=True)
+    reference = _values_and_grads(layer, x, upstream, fused=False)
+    assert torch.equal(fused["y"], reference["y"]) and torch.equal(fused["y"], source(x))
+    _assert_grads_close(fused, reference)
+    # frozen layer, input gradient only
+    layer.requires_grad_(False)
+    x.requires_grad_()
+    for fused_flag in (True, False):
+        layer.fused = fused_flag
+        x.grad = None
+        layer(x).backward(upstream)
+        if fused_flag:
+            fused_grad = x.grad.clone()
+    torch.testing.assert_close(fused_grad, x.grad, rtol=1e-5, atol=1e-5 * x.grad.abs().max().item())
+
+
+def test_fused_path_under_no_grad_and_in_bfloat16():
+    torch.manual_seed(15)
+    layer = BitLinear(32, 16, bias=True)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        y = layer(x)
+    layer.fused = False
+    assert torch.equal(y, layer(x))
+    layer = layer.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    upstream = torch.randn(5, 16)
+    fused = _values_and_grads(layer, x.requires_grad_(), upstream, fused=True)
+    reference = _values_and_grads(layer, x, upstream, fused=False)
+    assert fused["y"].dtype == torch.bfloat16 and torch.equal(fused["y"], reference["y"])
+    for key in fused.keys() - {"y"}:
+        assert fused[key].dtype == torch.bfloat16
+        torch.testing.assert_close(fused[key], reference[key], rtol=1e-2, atol=1e-2 * reference[key].abs().max().item())
+
+
+def test_fused_path_under_autocast_keeps_the_reference_dtypes_and_values():
+    torch.manual_seed(16)
+    layer = BitLinear(32, 24, bias=True)
+    x = torch.randn(3, 10, 32) * 20.0
+    upstream = torch.randn(3, 10, 24)
+    results = {}
+    for fused in (True, False):
+        layer.fused = fused
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xg)
+        y.backward(upstream.to(y.dtype))
+        results[fused] = {"y": y.detach(), "x": xg.grad, "weight": layer.weight.grad,
+                          "gain": layer.norm.weight.grad, "bias": layer.bias.grad}
+    assert results[True]["y"].dtype == torch.bfloat16 and torch.equal(results[True]["y"], results[False]["y"])
+    for key in ("x", "weight", "gain", "bias"):
+        assert results[True][key].dtype == results[False][key].dtype == torch.float32, key
+        ref = results[False][key]
+        torch.testing.assert_close(results[True][key], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=key)
+
+
+class _Saved:
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+
+def _saved_for_backward(layer: BitLinear, x: Tensor) -> list[Tensor]:
+    """Tensors the live graph holds for backward after one forward, minus the input and parameters."""
+    boxes = []
+
+    def pack(t):
+        box = _Saved(t)
+        boxes.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        y = layer(x)
+    alive = [box.tensor for box in (ref() for ref in boxes) if box is not None]
+    del y
+    exists_anyway = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters()]}
+    storages = {t.untyped_storage().data_ptr(): t for t in alive if t.untyped_storage().data_ptr() not in exists_anyway}
+    return list(storages.values())
+
+
+def test_fused_path_saves_int8_codes_and_per_token_floats_only():
+    torch.manual_seed(17)
+    n, c = 96, 64
+    layer = BitLinear(c, 48)
+    x = torch.randn(n, c, requires_grad=True)
+    assert layer.fused is None  # the default: the autograd function in eager
+    fused = _saved_for_backward(layer, x)
+    layer.fused = True
+    assert [(t.dtype, t.shape) for t in _saved_for_backward(layer, x)] == [(t.dtype, t.shape) for t in fused]
+    layer.fused = False
+    reference = _saved_for_backward(layer, x)
+    nbytes = lambda ts: sum(t.untyped_storage().nbytes() for t in ts)  # noqa: E731
+    # the reference keeps float32 x_norm (before the gain), float32 x_q and the float32 ternary weight
+    assert nbytes(reference) >= 2 * n * c * 4 + 48 * c * 4
+    # fused: int8 codes (1 byte an element), two float32 per token (rstd, activation scale), the 0-d s
+    assert sorted((str(t.dtype), t.numel()) for t in fused) == sorted(
+        [("torch.int8", n * c), ("torch.float32", n), ("torch.float32", n), ("torch.float32", 1)]), \
+        [(t.dtype, tuple(t.shape)) for t in fused]
+    assert nbytes(fused) == n * c + 2 * n * 4 + 4
+    assert nbytes(fused) * 8 < nbytes(reference)

@@ -20,6 +20,11 @@ Forward of ``BitLinear``, all quantisation arithmetic in float32 whatever the in
     w_q = round(W * s).clamp(-1, 1) / s                # {-1/s, 0, +1/s}
     y   = F.linear(x_q, w_q, bias)                     # gradients pass both quantisers as identity
 
+Autograd: ``BitLinearFunction`` computes this forward (the same values bit for bit) with a hand-written
+backward that keeps the int8 activation codes and per-token float32 scalars instead of float32 copies
+of the normalised and quantised activations; ``bitlinear_reference`` is the same forward in plain
+autograd, the definition the function is tested against (``BitLinear(fused=...)`` picks the path).
+
 Packed export: four 2-bit codes per byte (0 -> 0b00, +1 -> 0b01, -1 -> 0b10, first element in the
 low bits) plus the float32 scale s, so a ternary model ships at ~2 bits per weight.  Reloading pins s
 on the layer until its weight is next written, so the reloaded model reproduces the exported one's
@@ -123,6 +128,138 @@ def ternary_fraction(weight: Tensor, eps: float = QUANT_EPS) -> dict[str, float]
             "pos": (codes > 0).sum().item() / n}
 
 
+def bitlinear_reference(x: Tensor, weight: Tensor, gain: Tensor, bias: Tensor | None = None, *,
+                        weight_scale: Tensor | None = None, norm_eps: float = NORM_EPS,
+                        quant_eps: float = QUANT_EPS) -> Tensor:
+    """BitLinear's forward in plain autograd: the definition the fused path (``bitlinear``) is tested against.
+
+    ``weight_scale`` is s of the ternary grid (default 1/mean|W|).  Backward keeps what autograd keeps:
+    the float32 normalised input, the float32 quantised activations and the float32 ternary weight.
+    """
+    x_norm = rms_norm_fp32(x, gain, norm_eps)
+    x_q = quantize_activations(x_norm, quant_eps).to(x.dtype)
+    w_q = quantize_weight(weight, quant_eps, scale=weight_scale).to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    # Under autocast F.linear casts its operands itself; outside it everything is already x.dtype.
+    return F.linear(x_q, w_q, bias)
+
+
+def _ternary_weight(weight: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """codes / s cast to ``dtype``: the value of quantize_weight(...).to(dtype), no graph."""
+    return (ternary_codes(weight, weight_scale) / weight_scale).to(dtype)
+
+
+def _bitlinear_forward(x: Tensor, weight: Tensor, gain: Tensor, bias: Tensor | None, weight_scale: Tensor,
+                       norm_eps: float, quant_eps: float, keep_codes: bool
+                       ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """The reference forward op for op, without the straight-through bookkeeping.
+
+    Returns (y, int8 activation codes or None, per-token activation scale, per-token rstd).  Every op
+    and operand order is that of ``bitlinear_reference`` (e.g. ``ACT_QMAX / amax``, which torch
+    evaluates as ``amax.reciprocal() * 127``, not as a true division), so y is the same bit for bit;
+    the elementwise steps run in place on one buffer (on CPU a fresh tensor costs about as much as the
+    arithmetic that fills it).  (One difference no value shows: a code rounded to -0.0 stays -0.0 here,
+    where the reference's ``q + (x - x)`` makes it +0.0; it can change only the sign of an output that
+    is exactly zero, and ``torch.equal`` treats the two as equal.)
+    """
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + norm_eps)
+    x_norm = (x32 * rstd).mul_(gain.float())
+    act_scale = ACT_QMAX / x_norm.abs().amax(dim=-1, keepdim=True).clamp(min=quant_eps)
+    quantized = x_norm.mul_(act_scale).round_().clamp_(-ACT_QMAX - 1, ACT_QMAX)  # the integer codes
+    codes = quantized.to(torch.int8) if keep_codes else None
+    x_q = quantized.div_(act_scale).to(x.dtype)
+    w_q = _ternary_weight(weight, weight_scale, x.dtype)
+    y = F.linear(x_q, w_q, None if bias is None else bias.to(x.dtype))
+    return y, codes, act_scale, rstd
+
+
+class BitLinearFunction(torch.autograd.Function):
+    """BitLinear forward + backward with the straight-through gradients of ``bitlinear_reference``.
+
+    Forward values: those of the reference, bit for bit (same ops, same order).  Gradients: both
+    quantisers pass the gradient as the identity, the RMSNorm gets its exact backward (gain included),
+    and every cast the reference's graph makes (x_q and w_q to x.dtype, then to the autocast dtype of
+    F.linear; back again in backward) is made here too, so the gradients equal the reference's up to
+    float rounding of reordered sums.
+
+    Saved for backward, per token row of the input (N rows of C features):
+      * ``x`` itself -- the layer's input, which exists anyway (the reference keeps it too, and under
+        low precision a float32 copy of it on top); the RMSNorm backward needs only x and
+      * ``rstd`` -- 1 / rms per row, float32 (4 bytes a row); x_hat = x * rstd is implied;
+      * the activation ``codes`` as torch.int8 (1 byte an element) and the per-row ``act_scale``
+        (float32): x_q = codes / act_scale is recomputed bit for bit for the weight gradient
+        grad_out^T @ x_q.  The reference keeps the float32 x * rstd and the float32 x_q (8 bytes an
+        element).  Recomputing the codes from x instead would save the last byte an element too, but
+        costs a quantiser pass in backward and makes the weight gradient depend on re-deriving the
+        same roundings in a separately generated (compiled) kernel; the int8 codes are exact by
+        construction;
+      * nothing of the ternary weight but its 0-d scale s: w_q is recomputed from the latent weight
+        (a parameter, kept anyway) in backward -- one elementwise pass over the weight, negligible
+        next to the matmuls, instead of a float32 copy (the reference) or int8 codes of its size.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gain: Tensor, bias: Tensor | None, weight_scale: Tensor,
+                norm_eps: float, quant_eps: float) -> Tensor:
+        y, codes, act_scale, rstd = _bitlinear_forward(x, weight, gain, bias, weight_scale, norm_eps, quant_eps,
+                                                       keep_codes=True)
+        ctx.save_for_backward(x, weight, gain, weight_scale, codes, act_scale, rstd)
+        # y.dtype is the matmul dtype: x.dtype, or the autocast dtype under autocast.
+        ctx.compute_dtype = y.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight, gain, weight_scale, codes, act_scale, rstd = ctx.saved_tensors
+        need_x, need_w, need_gain, need_bias = ctx.needs_input_grad[:4]
+        dtype, compute = x.dtype, ctx.compute_dtype
+        in_features, out_features = x.shape[-1], weight.shape[0]
+        grad_2d = grad_y.to(compute).reshape(-1, out_features)
+        grad_x = grad_w = grad_gain = grad_bias = None
+        if need_x or need_gain:
+            # dL/dx_norm: F.linear's input gradient in the matmul dtype, cast back as the reference's
+            # graph casts it; the activation quantiser passes it unchanged.
+            w_q = _ternary_weight(weight, weight_scale, dtype).to(compute)
+            grad_norm = (grad_2d @ w_q).to(dtype).float()
+            x32 = x.reshape(-1, in_features).float()
+            r = rstd.reshape(-1)
+            # x_norm = x * r * g with r = (mean(x^2) + eps)^-1/2.  With p = dL/dx_norm * x (elementwise):
+            #   dL/dg = sum_rows r * p                               (a matrix-vector product)
+            #   dL/dx = r * g * dL/dx_norm - x * r^3 * (p @ g) / C   (rsqrt and mean, chain-ruled)
+            p = grad_norm * x32
+            if need_gain:
+                grad_gain = torch.mv(p.t(), r).to(gain.dtype)
+            if need_x:
+                g32 = gain.float()
+                coef = (r.pow(3) * torch.mv(p, g32)).div_(-in_features).unsqueeze(1)
+                grad_x = (grad_norm.mul_(g32).mul_(r.unsqueeze(1)).addcmul_(x32, coef)
+                          .to(dtype).reshape(x.shape))
+        if need_w:
+            x_q = codes.reshape(-1, in_features).float().div_(act_scale.reshape(-1, 1)).to(dtype).to(compute)
+            grad_w = (grad_2d.t() @ x_q).to(dtype).float().to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_2d.sum(dim=0).to(dtype).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_gain, grad_bias, None, None, None
+
+
+def bitlinear(x: Tensor, weight: Tensor, gain: Tensor, bias: Tensor | None = None, *,
+              weight_scale: Tensor | None = None, norm_eps: float = NORM_EPS,
+              quant_eps: float = QUANT_EPS) -> Tensor:
+    """BitLinear's forward (RMSNorm -> int8 activations -> ternary weight -> F.linear), fused backward.
+
+    Same values as ``bitlinear_reference`` bit for bit, same gradients; see ``BitLinearFunction`` for
+    what backward keeps.  Without autograd (no_grad, nothing requiring grad) nothing is saved.
+    """
+    if weight_scale is None:
+        weight_scale = absmean_scale(weight, quant_eps)
+    weight_scale = weight_scale.detach()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, gain, bias)):
+        return BitLinearFunction.apply(x, weight, gain, bias, weight_scale, norm_eps, quant_eps)
+    return _bitlinear_forward(x, weight, gain, bias, weight_scale, norm_eps, quant_eps, keep_codes=False)[0]
+
+
 class BitLinear(nn.Linear):
     """Drop-in ``nn.Linear`` with BitNet b1.58 quantisation (see the module docstring).
 
@@ -132,9 +269,18 @@ class BitLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, eps: float = NORM_EPS,
-                 quant_eps: float = QUANT_EPS, device=None, dtype=None):
+                 quant_eps: float = QUANT_EPS, fused: bool | None = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.quant_eps = quant_eps
+        # Which autograd path (same values bit for bit, same gradients either way):
+        #   True   BitLinearFunction: keeps int8 codes + per-token floats for backward, not float32 copies;
+        #   False  bitlinear_reference, plain autograd;
+        #   None   (default) BitLinearFunction in eager, the reference inside torch.compile.  Inductor
+        #          re-partitions either graph itself: from the Function's it recomputes x_q in backward
+        #          (saving only per-token floats), from the reference's it keeps the float32 x_q, and
+        #          on CPU the latter measured 3-7% faster compiled (docs/benchmarks.md, section 4),
+        #          while eager the Function is the faster one (0.72-0.86x the time, 8-10x less kept).
+        self.fused = fused
         self.norm = RMSNorm(in_features, eps=eps, device=device, dtype=dtype)
         # Set only by load_ternary_state, see _weight_scale.  Not persistent: an ordinary state_dict of
         # a BitLinear stays exactly that of nn.Linear plus the norm gain.
@@ -163,19 +309,18 @@ class BitLinear(nn.Linear):
         return quantize_weight(self.weight, scale=self._weight_scale())
 
     def forward(self, x: Tensor) -> Tensor:
-        x_norm = rms_norm_fp32(x, self.norm.weight, self.norm.eps)
-        x_q = quantize_activations(x_norm, self.quant_eps).to(x.dtype)
-        w_q = self.quantized_weight().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        # Under autocast F.linear casts its operands itself; outside it everything is already x.dtype.
-        return F.linear(x_q, w_q, bias)
+        fused = self.fused if self.fused is not None else not torch.compiler.is_compiling()
+        fn = bitlinear if fused else bitlinear_reference
+        return fn(x, self.weight, self.norm.weight, self.bias, weight_scale=self._weight_scale(),
+                  norm_eps=self.norm.eps, quant_eps=self.quant_eps)
 
     def pack_weight(self) -> dict[str, Tensor]:
         """The packed ternary form of the weight exactly as the forward uses it (pinned scale included)."""
         return pack_ternary(self.weight, scale=self._weight_scale())
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", quant_eps={self.quant_eps}"
+        return super().extra_repr() + f", quant_eps={self.quant_eps}" + (
+            "" if self.fused is None else f", fused={self.fused}")
 
 
 def pack_ternary(weight: Tensor, eps: float = QUANT_EPS, scale: Tensor | None = None) -> dict[str, Tensor]:
