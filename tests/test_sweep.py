@@ -134,6 +134,20 @@ def test_sweep_on_cuda_without_cuda_is_refused(tmp_path: Path):
     assert proc.returncode == 2 and "CUDA is not available" in proc.stderr and not (tmp_path / "sw").exists()
 
 
+@pytest.mark.parametrize("body,needle", [
+    ("target: bitnet_lm\ngrid: {model.hidden: [16]}\ndevice: gpu\n", "device 'gpu' is not one of"),
+    ("target: bitnet_lm\ngrid: {model.hidden: 16}\n", "must be a non-empty list"),
+    ("target: bitnet_lm\ngrid: {model.hidden: [16]}\nparalel: 2\n", "unknown key 'paralel'"),
+    ("target: bitnet_lm\n", "needs 'grid:'"),
+    ("grid: [", "not valid YAML"),
+])
+def test_bad_sweep_files_exit_2(tmp_path: Path, body, needle):
+    (tmp_path / "s.yaml").write_text(body, encoding="utf-8")
+    proc = trainlab("sweep", "s.yaml", "--sweep-dir", "sw", cwd=tmp_path)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "sw").exists()
+
+
 def test_another_sweep_in_the_same_directory_is_refused(tmp_path: Path):
     (tmp_path / "sw").mkdir()
     (tmp_path / "sw" / "sweep.json").write_text(json.dumps(

@@ -25,7 +25,9 @@ def _steps_list(text: str | None) -> list[int] | None:
 def build_spec(args) -> SweepSpec:
     file: dict = {}
     target = args.target
-    if is_sweep_file(target):
+    yaml_target = target.endswith((".yaml", ".yml")) and Path(target).is_file()
+    # a YAML with grid: is a sweep file; without --grid a YAML target must be one (load it to say why not)
+    if is_sweep_file(target) or (yaml_target and not args.grid):
         file = load_sweep_file(target)
         target = file["target"]
     grid = list(file.get("grid", [])) + parse_grid(args.grid)

@@ -142,6 +142,11 @@ def load_sweep_file(path: str) -> dict:
     for key, kind in (("steps", int), ("parallel", int)):
         if key in out and (not isinstance(out[key], kind) or isinstance(out[key], bool) or out[key] < 1):
             raise UsageError(f"sweep file {path}: {key} must be a positive integer, got {out[key]!r}")
+    for key, allowed in (("device", ("auto", "cpu", "cuda", "mps")), ("backend", ("local", "ray"))):
+        if key in out and out[key] not in allowed:
+            raise UsageError(f"sweep file {path}: {key} {out[key]!r} is not one of {', '.join(allowed)}")
+    if "preset" in out and out["preset"] is not None and not isinstance(out["preset"], str):
+        raise UsageError(f"sweep file {path}: preset must be a name, got {out['preset']!r}")
     gpus = out.get("gpus", [])
     if not isinstance(gpus, list):
         raise UsageError(f"sweep file {path}: gpus must be a list of GPU indices")
