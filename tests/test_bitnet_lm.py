@@ -67,6 +67,9 @@ def test_user_text_file_and_folder(tmp_path: Path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "b.txt").write_text("second file ", encoding="utf-8")
     (tmp_path / "docs" / "a.txt").write_text("first file ", encoding="utf-8")
+    (tmp_path / "docs" / ".git").mkdir()
+    (tmp_path / "docs" / ".git" / "index").write_bytes(b"\xff\x00 binary")  # hidden entries are skipped
+    (tmp_path / "docs" / ".cache.bin").write_bytes(b"\xff\x00 binary")
     assert read_text(str(tmp_path / "docs")) == "first file \n\nsecond file "
     (tmp_path / "one.txt").write_text("héllo", encoding="utf-8")
     assert read_text(str(tmp_path / "one.txt")) == "héllo"

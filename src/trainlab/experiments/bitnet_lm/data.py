@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,13 +28,14 @@ from trainlab.errors import ConfigError
 CORPUS_FILE = Path(__file__).parent / "corpus" / "python_docs.txt.gz"
 EMBEDDED = "embedded"
 BYTE_VOCAB = 256
+MAX_TEXT_CHARS = 2_000_000_000  # the whole corpus is held in memory (and as int64 tokens: 8 bytes each)
 
 
 @dataclass
 class BitLMDataConfig:
     path: str = knob(EMBEDDED, "embedded = English prose shipped with trainlab (CPython's reference topics and "
                                "standard-library docstrings, 1.68 MB; corpus/NOTICE); or a UTF-8 file, or a "
-                               "folder whose files are all UTF-8 (read in sorted order)")
+                               "folder whose files are all UTF-8 (read in sorted order, hidden entries skipped)")
     tokenizer: Literal["bytes", "bpe"] = knob("bytes", "bytes: the 256 byte values; bpe: a byte-level BPE trained "
                                                        "here on the training split (needs the tokenizers package)")
     vocab_size: int = knob(4096, "BPE vocabulary size (tokenizer bpe)", ge=257)
@@ -53,26 +55,42 @@ def read_text(path: str) -> str:
     if path == EMBEDDED:
         return gzip.decompress(CORPUS_FILE.read_bytes()).decode("utf-8")
     root = Path(path).expanduser()
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-        if not files:
-            raise ConfigError("data.path", f"folder {path} holds no files; allowed: 'embedded', a UTF-8 file, "
-                                           "or a folder of UTF-8 files")
-    else:
-        raise ConfigError("data.path", f"{path} does not exist; allowed: 'embedded', a UTF-8 file, "
+    if not root.is_file() and not root.is_dir():
+        what = "is not a regular file or folder" if root.exists() else "does not exist"
+        raise ConfigError("data.path", f"{path} {what}; allowed: 'embedded', a UTF-8 file, "
                                        "or a folder of UTF-8 files")
-    parts = []
-    for file in files:
+    parts, total = [], 0
+    for file in _text_files(root):
         try:
-            parts.append(file.read_text(encoding="utf-8"))
+            text = file.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError("data.path", f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                                            "every file must be UTF-8") from None
         except OSError as exc:
             raise ConfigError("data.path", f"{file} cannot be read ({exc.strerror})") from None
+        total += len(text)
+        if total > MAX_TEXT_CHARS:  # a wrong folder (a home directory, /) must not be read whole
+            raise ConfigError("data.path", f"{path} holds more than {MAX_TEXT_CHARS:,} characters of text; "
+                                           "point it at the corpus itself")
+        parts.append(text)
+    if not parts:
+        raise ConfigError("data.path", f"folder {path} holds no files; allowed: 'embedded', a UTF-8 file, "
+                                       "or a folder of UTF-8 files")
     return "\n\n".join(parts)
+
+
+def _text_files(root: Path):
+    """The file itself, or a folder's files in sorted order, walked lazily (the first bad file stops the
+    walk) and without hidden entries (.git, .venv) or symlinked folders."""
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file():  # regular files only: never a device or a pipe
+                yield path
 
 
 def split_text(text: str, val_fraction: float, block: int, seed: int) -> tuple[str, str]:
