@@ -119,6 +119,7 @@ def test_sigint_to_the_sweep_checkpoints_its_points_and_exits_130(tmp_path: Path
     (["--grid", "model.hidden=16", "--set", "model.hidden=8"], "both a grid key and a --set"),
     (["--grid", "model.hidden=16", "--parallel", "0"], "--parallel 0"),
     (["--grid", "model.hidden=16", "--at", "1k"], "--at"),
+    (["--grid", "model.hidden=16", "--backend", "ray", "--gpus-per-point", "-1"], "--gpus-per-point -1"),
 ])
 def test_bad_sweeps_exit_2_with_one_line_and_write_nothing(tmp_path: Path, extra, needle):
     proc = trainlab("sweep", "bitnet_lm", "--preset", "smoke", *extra, "--sweep-dir", "sw", cwd=tmp_path)

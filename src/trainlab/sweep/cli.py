@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -77,6 +78,17 @@ def run_sweep_command(args) -> int:
     spec = build_spec(args)
     if spec.device != "auto" and spec.backend == "local":
         resolve_device(spec.device)  # refuse --device cuda on a machine without CUDA, before anything starts
+    per_point = 0.0
+    if spec.backend == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--backend ray needs Ray (pip install 'trainlab[ray]'); allowed without it: "
+                             "--backend local")
+        import torch
+
+        per_point = args.gpus_per_point if args.gpus_per_point is not None else \
+            (1.0 if torch.cuda.is_available() else 0.0)
+        if per_point < 0:
+            raise UsageError(f"--gpus-per-point {per_point}: must be >= 0")
     points = spec.points()
     # every point's config is resolved here, so a bad key or value stops the sweep before it starts
     resolved = {}
@@ -108,12 +120,6 @@ def run_sweep_command(args) -> int:
     table.update(force=True)
     try:
         if spec.backend == "ray":
-            import torch
-
-            per_point = args.gpus_per_point if args.gpus_per_point is not None else \
-                (1.0 if torch.cuda.is_available() else 0.0)
-            if per_point < 0:
-                raise UsageError(f"--gpus-per-point {per_point}: must be >= 0")
             signal_code = run_ray(spec, states, table, sweep_dir / "logs", per_point, args.ray_address)
         else:
             signal_code = run_local(spec, states, table, sweep_dir / "logs")
