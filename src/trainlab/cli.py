@@ -268,11 +268,9 @@ def cmd_report(args) -> int:
 
     run_dir = Path(args.run_dir)
     if (run_dir / MANIFEST).is_file():  # a sweep directory: the sweep report
-        from trainlab.sweep.report import write_sweep_report
+        from trainlab.sweep.cli import print_sweep_report
 
-        md, html, lines = write_sweep_report(run_dir)
-        print("\n".join(lines))
-        print(f"trainlab: wrote {md} and {html}")
+        print_sweep_report(run_dir)
         return 0
     if not (run_dir / "metrics.csv").is_file():
         raise UsageError(f"run directory {run_dir}: no metrics.csv (not a trainlab run directory?)")

@@ -389,21 +389,26 @@ class Trainer:
                            "effective_batch": micro_batch * self.cfg.train.accum})
 
     # ------------------------------------------------------------------ evaluation and logging
-    def _evaluate(self, level: float | None) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """No gradients, eval mode, the run's autocast; training mode again afterwards."""
         self.model.eval()
-        with torch.no_grad(), autocast_context(self.precision, self.device):
-            out = self.exp.evaluate(self.model, self.data, self.cfg, level)
-        self.model.train()
-        return out
+        try:
+            with torch.no_grad(), autocast_context(self.precision, self.device):
+                yield
+        finally:
+            self.model.train()
+
+    def _evaluate(self, level: float | None) -> dict[str, torch.Tensor]:
+        with self._eval_mode():
+            return self.exp.evaluate(self.model, self.data, self.cfg, level)
 
     def _write_samples(self) -> None:
         """Text (or other) samples the experiment draws at an evaluation, kept in samples.jsonl."""
         if self.samples is None:
             return
-        self.model.eval()
-        with torch.no_grad(), autocast_context(self.precision, self.device):
+        with self._eval_mode():
             samples = self.exp.samples(self.model, self.data, self.cfg, self.step)
-        self.model.train()
         if samples:
             self.samples.write({"step": self.step, **samples})
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from trainlab.errors import EXIT_STOPPED, UsageError
-from trainlab.sweep.spec import (SweepSpec, check_same_sweep, is_sweep_file, load_sweep_file, parse_grid,
-                                 read_manifest, write_manifest)
+from trainlab.sweep.spec import (SweepSpec, check_grid, check_same_sweep, is_sweep_file, load_sweep_file,
+                                 parse_grid, write_manifest)
 
 
 def _steps_list(text: str | None) -> list[int] | None:
@@ -31,13 +31,10 @@ def build_spec(args) -> SweepSpec:
     if is_sweep_file(target) or (yaml_target and not args.grid):
         file = load_sweep_file(target)
         target = file["target"]
-    grid = list(file.get("grid", [])) + parse_grid(args.grid)
+    grid = check_grid(list(file.get("grid", [])) + parse_grid(args.grid), "sweep file and --grid")
     if not grid:
         raise UsageError("sweep: no grid; give --grid KEY=V1,V2,... or a sweep YAML with grid:")
     keys = [k for k, _ in grid]
-    if len(set(keys)) != len(keys):
-        raise UsageError(f"sweep: grid key {next(k for k in keys if keys.count(k) > 1)} is given twice "
-                         "(sweep file and --grid)")
     sets = list(file.get("set", [])) + list(args.sets)
     for item in sets:
         key = item.partition("=")[0].strip()
@@ -59,21 +56,24 @@ def build_spec(args) -> SweepSpec:
                      backend=args.backend or file.get("backend", "local"), gpus=[g.strip() for g in gpus])
 
 
+def print_sweep_report(sweep_dir: Path, at: list[int] | None = None, diverse_above: float | None = None) -> None:
+    """Write the sweep report and print its conclusion, table and fit (exit 2 without a sweep.json)."""
+    from trainlab.sweep.report import write_sweep_report
+
+    md, html, lines = write_sweep_report(sweep_dir, at, diverse_above)
+    print("\n".join(lines))
+    print(f"trainlab: wrote {md} and {html}")
+
+
 def run_sweep_command(args) -> int:
     from trainlab.launch import load_target, resolve_device
-    from trainlab.sweep.report import write_sweep_report
     from trainlab.sweep.runner import PointState, Table, already_finished, run_local, run_ray
 
     at = _steps_list(args.at)
     if args.report_only:
         if not args.sweep_dir:
             raise UsageError("--report-only needs --sweep-dir (the sweep directory to report on)")
-        sweep_dir = Path(args.sweep_dir)
-        if read_manifest(sweep_dir) is None:
-            raise UsageError(f"sweep directory {sweep_dir}: no sweep.json (not a trainlab sweep directory?)")
-        md, html, lines = write_sweep_report(sweep_dir, at, args.diverse_above)
-        print("\n".join(lines))
-        print(f"trainlab: wrote {md} and {html}")
+        print_sweep_report(Path(args.sweep_dir), at, args.diverse_above)
         return 0
     spec = build_spec(args)
     if spec.device != "auto" and spec.backend == "local":
@@ -126,9 +126,7 @@ def run_sweep_command(args) -> int:
         table.update()
     finally:
         table.close()
-    md, html, lines = write_sweep_report(sweep_dir, at, args.diverse_above)
-    print("\n".join(lines))
-    print(f"trainlab: wrote {md} and {html}")
+    print_sweep_report(sweep_dir, at, args.diverse_above)
     if signal_code is not None:
         print("trainlab: sweep interrupted; the running points saved checkpoints; rerun the same command to "
               "resume them", file=sys.stderr)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainlab.engine.logs import METRICS_FILE, read_metrics
-from trainlab.engine.rundir import read_status, summarize
-from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, UsageError
+from trainlab.engine.rundir import read_status
+from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM
 from trainlab.sweep.spec import Point, SweepSpec
 
 POLL_S = 1.0
@@ -86,10 +86,9 @@ def point_env(spec: SweepSpec, gpu: str | None) -> dict[str, str]:
 
 
 def _live_values(state: PointState, collapse_metric: str) -> dict:
-    """The last logged values of a point, read from its run directory."""
-    summary = summarize(state.run_dir) if state.run_dir.exists() else None
-    out = {"step": summary.step if summary else None, "loss": summary.loss if summary else None}
+    """The last logged values of a point, read from its metrics.csv (once per poll)."""
     rows = read_metrics(state.run_dir / METRICS_FILE) if state.run_dir.exists() else []
+    out = {"step": rows[-1].get("step") if rows else None, "loss": rows[-1].get("loss") if rows else None}
     for col in ("val_loss", collapse_metric, "tokens_per_s", "samples_per_s"):
         for row in reversed(rows):
             if col and isinstance(row.get(col), (int, float)):
@@ -243,11 +242,8 @@ def _least_busy_gpu(gpus: list[str], running: list[PointState]) -> str | None:
 
 def run_ray(spec: SweepSpec, states: list[PointState], table: Table, log_dir: Path,
             gpus_per_point: float, address: str | None) -> int | None:
-    try:
-        import ray
-    except ImportError:
-        raise UsageError("--backend ray needs Ray (pip install 'trainlab[ray]'); allowed without it: "
-                         "--backend local") from None
+    import ray  # its presence is checked by the command before anything is written
+
     log_dir.mkdir(parents=True, exist_ok=True)
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
              configure_logging=False)

@@ -96,10 +96,10 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
         if not sep or not key or not choices:
             raise UsageError(f"--grid {item!r}: expected key=v1,v2,..., e.g. --grid model.hidden=256,512")
         grid.append((key, choices))
-    return _checked_grid(grid, "--grid")
+    return check_grid(grid, "--grid")
 
 
-def _checked_grid(grid: list[tuple[str, list[str]]], where: str) -> list[tuple[str, list[str]]]:
+def check_grid(grid: list[tuple[str, list[str]]], where: str) -> list[tuple[str, list[str]]]:
     keys = [k for k, _ in grid]
     for key in keys:
         if keys.count(key) > 1:
@@ -138,7 +138,7 @@ def load_sweep_file(path: str) -> dict:
         sets = [f"{k}={_value_text(v)}" for k, v in sets.items()]
     if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
         raise UsageError(f"sweep file {path}: 'set' must be a mapping or a list of key=value strings")
-    out = dict(data, grid=_checked_grid(parsed, f"sweep file {path}: grid"), set=sets)
+    out = dict(data, grid=check_grid(parsed, f"sweep file {path}: grid"), set=sets)
     for key, kind in (("steps", int), ("parallel", int)):
         if key in out and (not isinstance(out[key], kind) or isinstance(out[key], bool) or out[key] < 1):
             raise UsageError(f"sweep file {path}: {key} must be a positive integer, got {out[key]!r}")

@@ -98,10 +98,10 @@ class BitNetLM(Experiment):
 
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
-        layers, heads = resolved_shape(cfg.model)
-        if cfg.model.hidden % heads or (cfg.model.hidden // heads) % 2:
-            raise ConfigError("model.heads", f"must split model.hidden={cfg.model.hidden} into heads of an even "
-                                             f"size; got {heads} heads")
+        try:
+            resolved_shape(cfg.model)
+        except ValueError as exc:
+            raise ConfigError("model.heads", str(exc)) from None
         if cfg.data.prompt_tokens >= cfg.data.seq_len:
             raise ConfigError("data.prompt_tokens", f"must be < data.seq_len={cfg.data.seq_len}; "
                                                     f"got {cfg.data.prompt_tokens}")
@@ -131,20 +131,18 @@ class BitNetLM(Experiment):
 
     def evaluate(self, model: nn.Module, data: TextStream, cfg, level=None) -> dict[str, torch.Tensor]:
         vocab = data.corpus.vocab_size
-        seen = torch.zeros(vocab, dtype=torch.bool, device=data.eval_x.device)
         loss_sum = torch.zeros((), device=data.eval_x.device)
-        hits = torch.zeros((), device=data.eval_x.device)
+        preds = []
         for start in range(0, len(data.eval_x), EVAL_CHUNK):
             x, y = data.eval_x[start:start + EVAL_CHUNK], data.eval_y[start:start + EVAL_CHUNK]
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-            preds = logits.argmax(-1)
-            hits += (preds == y).sum()
-            seen[preds.flatten()] = True
+            preds.append(logits.argmax(-1))  # token ids, not logits: small enough to keep for the batch
+        preds = torch.cat(preds)
         n = data.eval_y.numel()
         val_loss = loss_sum / n
         return {"val_loss": val_loss, "val_bpb": val_loss * data.corpus.bits_per_byte_factor("val"),
-                "val_acc": hits / n, "distinct_preds": seen.sum().float(),
+                "val_acc": (preds == data.eval_y).float().mean(), "distinct_preds": distinct_tokens(preds, vocab),
                 "distinct_targets": distinct_tokens(data.eval_y, vocab)}
 
     def samples(self, model: nn.Module, data: TextStream, cfg, step: int) -> dict:

@@ -37,9 +37,12 @@ class BitLMModelConfig:
 
 
 def resolved_shape(cfg: BitLMModelConfig) -> tuple[int, int]:
-    """(layers, heads) with the 0 = automatic rule applied."""
+    """(layers, heads) with the 0 = automatic rule applied; ValueError when the heads cannot split
+    hidden into rotary-ready (even) head sizes."""
     layers = cfg.layers or (4 if cfg.hidden <= 256 else 6 if cfg.hidden <= 512 else 8)
     heads = cfg.heads or max(1, cfg.hidden // HEAD_DIM)
+    if cfg.hidden % heads or (cfg.hidden // heads) % 2:
+        raise ValueError(f"must split model.hidden={cfg.hidden} into heads of an even size; got {heads} heads")
     return layers, heads
 
 
@@ -86,8 +89,6 @@ class BitLM(nn.Module):
     def __init__(self, cfg: BitLMModelConfig, vocab_size: int, max_seq_len: int):
         super().__init__()
         layers, heads = resolved_shape(cfg)
-        if cfg.hidden % heads or (cfg.hidden // heads) % 2:
-            raise ValueError(f"hidden {cfg.hidden} must split into {heads} heads of an even size")
         self.embed = nn.Embedding(vocab_size, cfg.hidden)
         self.blocks = nn.ModuleList(Block(cfg, heads) for _ in range(layers))
         self.norm = RMSNorm(cfg.hidden)
