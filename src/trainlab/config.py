@@ -205,8 +205,11 @@ class HealthConfig:
     warmup_fraction: float = knob(0.1, "fraction of train.steps before stuck/plateau/divergence may fire", ge=0, lt=1)
     divergence_min_rise: float = knob(0.02, "a rise counts as divergence only above this fraction of the baseline "
                                             "loss (so 1e-8 -> 5e-8 near zero is no divergence)", ge=0)
-    spike_z: float = knob(6.0, "robust z-score of a spike (OLMo uses 6 sigma)", gt=0)
-    spike_ratio: float = knob(1.5, "and the loss must exceed this multiple of the recent median", ge=1)
+    spike_z: float = knob(6.0, "a spike is this many sigma of the row-to-row loss noise above the median of the "
+                                  "last 5 rows (OLMo uses 6 sigma)", gt=0)
+    spike_ratio: float = knob(1.5, "and the loss must exceed this multiple of that median", ge=1)
+    spike_min_rise: float = knob(0.002, "and rise above that median by more than this fraction of the "
+                                       "baseline loss (so 1e-4 -> 3e-4 on a memorised task is no spike)", ge=0)
     plateau_window: int = knob(50, "rows without significant improvement that make a plateau", ge=10)
     plateau_min_improvement: float = knob(0.01, "relative loss improvement over the plateau window that counts", ge=0)
     collapse_metric: str = knob("", "a metric that collapses toward 0 (e.g. distinct_preds); empty = none")

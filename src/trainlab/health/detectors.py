@@ -7,7 +7,7 @@ A detector fires when its condition begins and re-arms once it clears, so a cond
 is one alert, not one per row.  The same objects run offline over metrics.csv (`trainlab check`).
 
 Statistics come from health/stats.py: Mann-Kendall with the Hamed-Rao autocorrelation correction
-for trends, batch means for "is the level at the baseline", robust z-scores for spikes, and a
+for trends, batch means for "is the level at the baseline", a trend-robust jump z for spikes, and a
 two-segment likelihood ratio for gradient-norm regime changes.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from typing import Any
+
+import numpy as np
 
 from trainlab.config import HealthConfig
 from trainlab.health import stats
@@ -97,9 +99,26 @@ class NonFinite(Detector):
         return self.edge(step, bool(bad), "non-finite " + ", ".join(f"{k}={row[k]}" for k in bad), columns=bad)
 
 
+DIVERGENCE_MIN_ROWS = 5  # rows from the best on: the fewest at which Mann-Kendall can be significant
+DIVERGENCE_RECENT_ROWS = 3  # the rise must hold for the median of these, so one spike is no divergence
+DIVERGENCE_FAST_RATIO = 1.5  # a climb this far above the best over 3 rising rows needs no trend test
+
+
 class Divergence(LossWindowDetector):
-    """A significant upward trend over the window that took the loss above its best by 10 %, or the
-    loss back above the baseline (significantly) after having been significantly below it."""
+    """A sustained rise since the best loss, or the loss back above the baseline (significantly)
+    after having been significantly below it.
+
+    The rise is judged on the rows from the best loss on (at most `window`), not on the whole
+    window: a window that still holds the initial descent has no upward trend to find while the
+    loss climbs from its best (the LR-ramp run climbed 1.46 -> 3.96 over four rows before a
+    20-row window could see it).  It fires when those rows trend upward (Mann-Kendall at alpha),
+    the median of the last 3 rows is above 1.1 x the best, and the rise exceeds
+    divergence_min_rise x the baseline -- or, for a fast climb that a trend test at alpha 0.01
+    needs six rows to call, when the last 3 rows since the best rise row after row, all above
+    1.1 x the best, the last above 1.5 x the best (and above the minimum rise).
+    Warm-up: warmup_fraction of the steps.  Latency: a fast climb fires on its third row above
+    1.1 x the best; a slow one when Mann-Kendall turns significant (at alpha 0.01, at least six
+    rows from the best, the best included), later as noise hides it."""
 
     name, severity = "divergence", "critical"
     after_warmup = False  # "back above the baseline" needs no warm-up; the rise test checks it itself
@@ -107,34 +126,71 @@ class Divergence(LossWindowDetector):
     def __init__(self, *args):
         super().__init__(*args)
         self.best = math.inf
+        self.best_step: int | None = None
+        self.since_best: deque[float] = deque(maxlen=self.losses.maxlen)
         self.was_below = False
 
     def update(self, step, row):
-        window = self.window(step, row)
-        if self.losses:
-            self.best = min(self.best, self.losses[-1])
-        if window is None:
+        window = self.window(step, row)  # keeps the last `window` finite losses
+        loss = _num(row, "loss")
+        if loss is None or not math.isfinite(loss):
             return []
-        level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
-        if level.below:
-            self.was_below = True
-        trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
-        rise = window[-1] - self.best
-        rising = (trend.trend == "increasing" and window[-1] > 1.1 * self.best and self.past_warmup(step)
-                  and rise > self.cfg.divergence_min_rise * abs(self.baseline))
-        back_above = self.was_below and level.above
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+            self.since_best.clear()
+        self.since_best.append(loss)
+        judged = window is not None or (self.past_warmup(step) and len(self.losses) >= DIVERGENCE_MIN_ROWS)
+        if not judged:
+            return []
+        rising, rise_test = self._rise(step, loss)
+        back_above, level, trend = False, None, None
+        if window is not None:
+            level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
+            self.was_below = self.was_below or level.below
+            back_above = self.was_below and level.above
+            trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
         why = " and ".join(w for w, hit in (("a sustained rise", rising), ("back above the baseline", back_above)) if hit)
-        # one alert per episode: it re-arms only once the loss falls significantly again
+        shown = list(self.since_best) if rising or window is None else window
+        test = rise_test if rising or trend is None else trend
+        # one alert per episode: it re-arms once the loss sets a new best or falls significantly again
+        cleared = len(self.since_best) == 1 or (trend is not None and trend.trend == "decreasing")
         return self.edge(step, rising or back_above,
-                         f"divergence ({why}): loss {_fmt(window[0])} -> {_fmt(window[-1])} over {len(window)} rows, "
-                         f"best {_fmt(self.best)}, baseline {_fmt(self.baseline)}",
-                         clear=trend.trend == "decreasing", p_value=trend.p_value, sen_slope=trend.sen_slope, window_mean=level.mean,
-                         window_ci=list(level.ci), best=self.best, onset_step=step)
+                         f"divergence ({why}): loss {_fmt(shown[0])} -> {_fmt(shown[-1])} over {len(shown)} rows, "
+                         f"best {_fmt(self.best)} at step {self.best_step}, baseline {_fmt(self.baseline)}",
+                         clear=cleared, p_value=None if test is None else test.p_value,
+                         sen_slope=None if test is None else test.sen_slope,
+                         window_mean=None if level is None else level.mean,
+                         window_ci=None if level is None else list(level.ci), best=self.best,
+                         best_step=self.best_step, onset_step=self.best_step if rising else step)
+
+    def _rise(self, step: int, loss: float) -> tuple[bool, stats.TrendTest | None]:
+        """Whether the loss has climbed from its best (fast, or by a significant trend), and the
+        trend test when there were enough rows for one."""
+        if not self.past_warmup(step) or loss - self.best <= self.cfg.divergence_min_rise * abs(self.baseline):
+            return False, None
+        rows = list(self.since_best)
+        climb = rows[1:][-DIVERGENCE_RECENT_ROWS:]  # the last rows after the best
+        fast = (len(climb) == DIVERGENCE_RECENT_ROWS and all(a < b for a, b in zip(climb, climb[1:]))
+                and climb[0] > 1.1 * self.best and loss > DIVERGENCE_FAST_RATIO * self.best)
+        if len(rows) < DIVERGENCE_MIN_ROWS:
+            return fast, None
+        trend = stats.mann_kendall(rows, alpha=self.cfg.alpha)
+        recent = float(np.median(rows[-DIVERGENCE_RECENT_ROWS:]))
+        return fast or (trend.trend == "increasing" and recent > 1.1 * self.best), trend
+
+
+SPIKE_MIN_HISTORY = 5  # finite rows before a row can be judged: the 6th finite row is the first
+SPIKE_REFERENCE_ROWS = 5  # the local level a row is compared with: the median of the last 5 rows
 
 
 class Spike(Detector):
-    """A loss far outside the recent statistics: robust z > spike_z (OLMo uses 6 sigma) and above
-    spike_ratio x the recent median (a relative tolerance, as Lightning's SpikeDetection has)."""
+    """A loss far above where the curve is now (stats.jump_z): more than spike_z (OLMo uses 6
+    sigma) of the row-to-row noise over the last `window` rows above the median of the last 5
+    rows, above spike_ratio x that median (a relative tolerance, as Lightning's SpikeDetection
+    has), and up by more than spike_min_rise x the baseline (so 1e-4 -> 3e-4 on a memorised task
+    is no spike).  On log scale while every loss is positive: near zero, a cross-entropy loss
+    moves by factors (0.0012 -> 0.097 is a spike that a linear MAD over a falling window misses).
+    Warm-up: SPIKE_MIN_HISTORY finite rows; latency: none, the spike row itself fires."""
 
     name = "spike"
 
@@ -147,12 +203,23 @@ class Spike(Detector):
         if loss is None or not math.isfinite(loss):
             return []
         out = []
-        if len(self.history) >= max(5, self.history.maxlen // 2):
-            z = stats.robust_z(loss, list(self.history))
-            median = sorted(self.history)[len(self.history) // 2]
-            spike = z > self.cfg.spike_z and loss > self.cfg.spike_ratio * median
-            out = self.edge(step, spike, f"loss spike: {_fmt(loss)} vs recent median {_fmt(median)} (robust z {_fmt(z)})",
-                            z=z, median=median, value=loss)
+        if len(self.history) >= SPIKE_MIN_HISTORY:
+            history = list(self.history)
+            log_scale = loss > 0 and min(history) > 0
+            if log_scale:
+                jump = stats.jump_z(math.log(loss), [math.log(h) for h in history], SPIKE_REFERENCE_ROWS)
+                median = math.exp(jump.reference)
+            else:
+                jump = stats.jump_z(loss, history, SPIKE_REFERENCE_ROWS)
+                median = jump.reference
+            floor = self.cfg.spike_min_rise * abs(self.baseline) if math.isfinite(self.baseline) else 0.0
+            spike = (jump.z > self.cfg.spike_z and (median <= 0 or loss > self.cfg.spike_ratio * median)
+                     and loss - median > floor)
+            ratio = loss / median if median > 0 else math.inf
+            out = self.edge(step, spike, f"loss spike: {_fmt(loss)} vs recent median {_fmt(median)} "
+                                         f"(x{_fmt(ratio)}, {_fmt(jump.z)} sigma of the row-to-row noise"
+                                         f"{' on log scale' if log_scale else ''})",
+                            z=jump.z, median=median, value=loss, ratio=ratio, noise=jump.scale, log_scale=log_scale)
         self.history.append(loss)
         return out
 

@@ -966,3 +966,41 @@ def robust_z(value: float, history: Sequence[float] | np.ndarray) -> float:
     if scale == 0.0:
         return 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
     return diff / scale
+
+
+class Jump(NamedTuple):
+    """How far a value sits above where a series is now: `z` in units of the series' own
+    row-to-row noise, `reference` the local level it is compared with, `scale` that noise."""
+
+    z: float
+    reference: float
+    scale: float
+
+
+def jump_z(value: float, history: Sequence[float] | np.ndarray, reference_rows: int = 5) -> Jump:
+    """A spike statistic that a trend cannot hide.  `robust_z` against a whole window fails on a
+    falling curve: the window's median lags far behind the curve's level and its MAD spans the
+    whole descent, so a loss that jumps 80x above the last few rows can still score below 6.
+    Here the reference is the median of the last `reference_rows` values (it follows the curve)
+    and the scale is the noise of row-to-row changes, 1.4826 MAD(first differences) / sqrt(2):
+    a smooth trend only shifts the differences' median, which the MAD subtracts, and a past spike
+    inflates two differences, which the MAD tolerates.  Fallbacks for a zero MAD as robust_z's.
+
+    Values are used as given: callers that judge multiplicative changes (losses near zero) pass
+    logarithms.  Needs at least 3 finite history values (2 differences); else ValueError."""
+    h = np.asarray(history, dtype=np.float64).reshape(-1)
+    h = h[np.isfinite(h)]
+    if h.size < 3:
+        raise ValueError("jump_z needs at least 3 finite history values")
+    v = float(value)
+    reference = float(np.median(h[-reference_rows:]))
+    if not math.isfinite(v):
+        return Jump(float("nan"), reference, float("nan"))
+    d = np.diff(h)
+    scale = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+    if scale == 0.0:
+        scale = float(np.std(d)) / math.sqrt(2.0)
+    diff = v - reference
+    if scale == 0.0:
+        return Jump(0.0 if diff == 0.0 else math.copysign(math.inf, diff), reference, 0.0)
+    return Jump(diff / scale, reference, scale)
