@@ -8,23 +8,84 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import history, trainlab
+from conftest import final_weights, history, trainlab
+from lion_reference import flipped_share, lion_direction, lion_step, momentum_flipping_grads
+from trainlab.config import resolve
 from trainlab.engine.logs import MetricsLog, read_events, read_metrics, read_rows
+from trainlab.engine.trainer import Trainer
+from trainlab.experiments.modadd import ModAdd
 from trainlab.optim.lion import Lion
 
 SMOKE = ["run", "modadd", "--preset", "smoke"]
 
 
-def test_accumulation_matches_one_big_batch(tmp_path: Path):
-    """Full-batch data (micro_batch >= train pairs) makes every micro-batch identical, so
-    accum=2 must reproduce accum=1 exactly: the loss is divided by accum before backward."""
-    full = ["--steps", "12", "--set", "micro_batch=1000".replace("micro_batch", "train.micro_batch")]
-    trainlab(*SMOKE, *full, "--run-dir", "a1", cwd=tmp_path, check=True)
-    trainlab(*SMOKE, *full, "--set", "train.accum=2", "--run-dir", "a2", cwd=tmp_path, check=True)
-    one, two = history(tmp_path / "a1"), history(tmp_path / "a2")
-    assert [r["loss"] for r in one] == [r["loss"] for r in two]
-    assert [r["grad_norm"] for r in one] == [r["grad_norm"] for r in two]
+class _Recorder:
+    """An observer (the trainer calls it around each update) that keeps, per step, the gradients the
+    optimizer is about to apply and whether the step changed the weights."""
+
+    def __init__(self):
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.weights_before: list[dict[str, torch.Tensor]] = []
+        self.applied: list[bool] = []
+
+    def before_update(self, trainer) -> None:
+        named = list(trainer.model.named_parameters())
+        self.grads.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
+        self.weights_before.append({n: p.detach().clone() for n, p in named})
+
+    def after_update(self, trainer) -> None:
+        before = self.weights_before[-1]
+        self.applied.append(any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()))
+
+
+def _modadd_cfg(*overrides: tuple[str, str]):
+    cfg = resolve(ModAdd(), "smoke", None, list(overrides))
+    cfg.log.progress = "off"
+    return cfg
+
+
+def _labelled(label: str):
+    """assert_close's message with `label` (which step, which tensor) in front."""
+    return lambda text: f"{label}: {text}"
+
+
+def test_accumulation_applies_the_mean_gradient_of_distinct_micro_batches(tmp_path: Path):
+    """accum=3 micro-batches of 16 different pairs: the gradient the optimizer gets must be the
+    gradient of the mean of the three losses, computed here by hand from the same weights and the
+    data stream's micro-batches (0, 1, 2) of each step.  A sum instead of a mean, one micro-batch
+    used three times, or gradients leaking into the next step would each differ."""
+    accum = 3
+    cfg = _modadd_cfg(("train.steps", "2"), ("train.accum", str(accum)), ("train.micro_batch", "16"),
+                      ("train.clip", "0"), ("train.precision", "fp32"), ("log.every", "1"))
+    recorder = _Recorder()
+    trainer = Trainer(cfg, ModAdd(), tmp_path / "r", torch.device("cpu"), observers=[recorder])
+    trainer.fit()
+    assert len(recorder.grads) == 2
+    for step in range(2):
+        model = ModAdd().build_model(cfg)
+        model.load_state_dict(recorder.weights_before[step])
+        batches = [trainer.data.batch(step, micro, None) for micro in range(accum)]
+        xs = [x for x, _ in batches]
+        assert all(not torch.equal(xs[i], xs[j]) for i in range(accum) for j in range(i + 1, accum))
+        params = dict(model.named_parameters())
+
+        def grads_of(loss):
+            return dict(zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)))
+
+        losses = [F.cross_entropy(model(x), y) for x, y in batches]
+        expected = grads_of(sum(losses) / accum)
+        applied = recorder.grads[step]
+        assert applied.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(applied[name], expected[name], rtol=1e-5, atol=1e-7,
+                                       msg=_labelled(f"step {step + 1}, {name}"))
+        # the comparison can tell the mean from the wrong answers it is meant to catch: the gradient
+        # is far from zero (a sum would be 3x it) and far from the last micro-batch's alone
+        assert expected["head.weight"].abs().max() > 1e-3
+        last_only = grads_of(losses[-1])
+        assert not torch.allclose(expected["head.weight"], last_only["head.weight"], rtol=1e-2)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -35,31 +96,104 @@ def test_mixed_precision_paths_run_on_cpu(tmp_path: Path, precision: str):
     assert all(math.isfinite(r["loss"]) for r in rows)
     start = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e["kind"] == "start"][0]
     assert start["precision"] == precision
-    if precision == "fp16":  # GradScaler's scale and skipped steps are logged
-        assert rows[-1]["amp_scale"] > 0 and rows[-1]["amp_skipped"] >= 0
+    if precision == "fp16":
+        # GradScaler starts at 2**16, halves the scale at each skipped step and grows it only after
+        # 2000 clean ones: in 10 steps the logged scale and skip count must agree exactly
+        assert all(r["amp_scale"] * 2 ** r["amp_skipped"] == 2.0 ** 16 for r in rows), rows
     else:
         assert "amp_scale" not in rows[-1]
 
 
-def test_lion_matches_the_paper_update_and_keeps_bf16_momentum():
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(3, 4))
-    start = p.detach().clone()
-    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5, momentum_dtype=torch.bfloat16)
-    g1, g2 = torch.randn(3, 4), torch.randn(3, 4)
-    p.grad = g1.clone()
-    opt.step()
-    # first step: m = 0 -> c = 0.1 * g1; p <- p * (1 - lr*wd) - lr * sign(c)
-    expected = start * (1 - 0.05) - 0.1 * torch.sign(g1)
-    assert torch.allclose(p.detach(), expected)
-    m = opt.state[p]["exp_avg"]
-    assert m.dtype == torch.bfloat16
-    assert torch.allclose(m.float(), (0.01 * g1), atol=1e-2 * g1.abs().max().item())
-    p.grad = g2.clone()
-    before = p.detach().clone()
-    opt.step()
-    c = 0.9 * m.float() + 0.1 * g2  # uses the stored (bf16) momentum
-    assert torch.allclose(p.detach(), before * 0.95 - 0.1 * torch.sign(c))
+class _RecordsOutputDtype(ModAdd):
+    """modadd that notes the dtype of the model's output in the training forward pass."""
+
+    def __init__(self):
+        self.output_dtypes: set[torch.dtype] = set()
+
+    def loss(self, model, batch, ctx):
+        self.output_dtypes.add(model(batch[0]).dtype)
+        return super().loss(model, batch, ctx)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                             ("fp16", torch.float16)], ids=["fp32", "bf16", "fp16"])
+def test_training_forward_runs_in_the_configured_precision(tmp_path: Path, precision: str, dtype: torch.dtype):
+    """The logged precision is the one computed in: autocast's dtype reaches the model's output."""
+    exp = _RecordsOutputDtype()
+    cfg = _modadd_cfg(("train.steps", "2"), ("train.precision", precision), ("eval.every", "0"))
+    Trainer(cfg, exp, tmp_path / "r", torch.device("cpu")).fit()
+    assert exp.output_dtypes == {dtype}
+
+
+class _InfiniteBackward(torch.autograd.Function):
+    """The identity going forward, an infinite gradient coming back: an fp16 overflow on demand."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.inf)
+
+
+class _OverflowsAt(ModAdd):
+    """modadd whose backward overflows at the given (0-based) steps, its loss staying finite."""
+
+    def __init__(self, steps: set[int]):
+        self.overflow_steps = steps
+
+    def loss(self, model, batch, ctx):
+        loss, metrics = super().loss(model, batch, ctx)
+        return (_InfiniteBackward.apply(loss) if ctx.step in self.overflow_steps else loss), metrics
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path: Path):
+    """Steps 3 and 6 overflow: GradScaler must skip exactly those (weights untouched), halve its
+    scale each time, and amp_skipped must count them in the rows that follow."""
+    overflow = {2, 5}  # 0-based: steps 3 and 6 of the log
+    # warn, not the default stop: the engine takes the non-finite gradient norm of a step GradScaler
+    # skipped for a non-finite interval and would stop the run at step 3 (reported to the lead)
+    cfg = _modadd_cfg(("train.steps", "8"), ("train.precision", "fp16"), ("log.every", "1"),
+                      ("train.nonfinite", "warn"), ("schedule.warmup", "0"))  # no warm-up: lr > 0 from step 1
+    recorder = _Recorder()
+    Trainer(cfg, _OverflowsAt(overflow), tmp_path / "r", torch.device("cpu"), observers=[recorder]).fit()
+    assert recorder.applied == [s not in overflow for s in range(8)]
+    rows = read_metrics(tmp_path / "r" / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    skipped_so_far = [sum(s < r["step"] for s in overflow) for r in rows]
+    assert [r["amp_skipped"] for r in rows] == skipped_so_far
+    assert [r["amp_scale"] for r in rows] == [2.0 ** 16 / 2 ** k for k in skipped_so_far]
+
+
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lion_matches_the_paper_update_step_by_step(momentum_dtype):
+    """Six steps against the rule written out from the paper (tests/lion_reference.py), with
+    gradients under which the momentum overturns the gradient's sign for many entries: a Lion that
+    ignored its momentum, read it after updating it, or swapped the betas would step differently."""
+    lr, betas, wd, steps = 0.1, (0.9, 0.99), 0.5, 6
+    param = torch.nn.Parameter(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))
+    opt = Lion([param], lr=lr, betas=betas, weight_decay=wd, momentum_dtype=momentum_dtype)
+    ref_param = param.detach().clone()
+    ref_m = torch.zeros_like(ref_param, dtype=momentum_dtype or torch.float32)
+    flipped = []
+    for t, grad in enumerate(momentum_flipping_grads(tuple(param.shape), steps, seed=1), start=1):
+        param.grad = grad.clone()
+        opt.step()
+        unrounded = lion_direction(ref_m, grad, betas)[1]
+        ref_param, ref_m, c = lion_step(ref_param, ref_m, grad, lr, betas, wd, momentum_dtype)
+        # signs of c this far from 0 cannot be turned by rounding (lerp vs the written-out formula)
+        assert c.abs().min() > 1e-3, t
+        torch.testing.assert_close(param.detach(), ref_param, rtol=1e-6, atol=1e-6, msg=_labelled(f"step {t}"))
+        m = opt.state[param]["exp_avg"]
+        assert m.dtype == (momentum_dtype or torch.float32)
+        # fp32 arithmetic, then one rounding to the stored dtype, as the reference does
+        torch.testing.assert_close(m, ref_m, rtol=1e-6, atol=0, msg=_labelled(f"step {t}"))
+        if momentum_dtype is not None:  # the rounding is really exercised
+            assert not torch.equal(ref_m.float(), unrounded)
+        flipped.append(flipped_share(c, grad))
+    # the case this test is for: from step 2 on, the momentum decides a good share of the signs
+    assert flipped[0] == 0 and min(flipped[1:]) > 0.3, flipped
 
 
 def test_lion_run_through_the_cli(tmp_path: Path):
@@ -67,6 +201,13 @@ def test_lion_run_through_the_cli(tmp_path: Path):
                    "--set", "optim.lr=3e-4", "--run-dir", "r", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert history(tmp_path / "r")[-1]["step"] == 10
+    # Lion was the optimizer: one bf16 momentum per parameter and nothing else (AdamW would also
+    # keep a step count and a second moment, in fp32)
+    optimizer = torch.load(tmp_path / "r" / "checkpoints" / "step_00000010" / "state.pt",
+                           weights_only=True)["optimizer"]
+    shapes = sorted(tuple(w.shape) for w in final_weights(tmp_path / "r").values())
+    assert sorted(tuple(s["exp_avg"].shape) for s in optimizer["state"].values()) == shapes
+    assert all(s.keys() == {"exp_avg"} and s["exp_avg"].dtype == torch.bfloat16 for s in optimizer["state"].values())
 
 
 def test_nonfinite_loss_stops_the_run_with_exit_1(tmp_path: Path):

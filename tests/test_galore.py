@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import final_weights, history, trainlab
+from lion_reference import flipped_share, lion_direction, lion_step, momentum_flipping_grads
 from trainlab.config import OptimConfig
 from trainlab.optim import build_optimizer
 from trainlab.optim.galore import PROJ, REFRESH, GaLoreAdamW, GaLoreLion, optimizer_state_bytes
@@ -136,20 +138,32 @@ def test_rank_at_least_min_dim_is_plain_adamw(rank):
     mlp_steps(a, ours, 6)
     mlp_steps(b, ref, 6)
     assert not any(PROJ in s for s in ours.state.values())
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_rank_at_least_min_dim_is_plain_lion():
+    """At full rank GaLore-Lion is Lion: bitwise our Lion (the same ops in the same order), and
+    step by step the rule written out from the paper (tests/lion_reference.py), bf16 momentum."""
     torch.manual_seed(0)
     a = tiny_mlp()
     b = copy.deepcopy(a)
-    ours = GaLoreLion(a.parameters(), lr=1e-3, weight_decay=0.1, rank=5, scale=1.0,
-                      momentum_dtype=torch.bfloat16)
-    ref = Lion(b.parameters(), lr=1e-3, weight_decay=0.1, momentum_dtype=torch.bfloat16)
-    mlp_steps(a, ours, 6)
+    lr, wd, betas, bf16 = 1e-3, 0.1, (0.9, 0.99), torch.bfloat16
+    ours = GaLoreLion(a.parameters(), lr=lr, betas=betas, weight_decay=wd, rank=5, scale=1.0, momentum_dtype=bf16)
+    ref = Lion(b.parameters(), lr=lr, betas=betas, weight_decay=wd, momentum_dtype=bf16)
+    written = [(p.detach().clone(), torch.zeros_like(p, dtype=bf16)) for p in a.parameters()]
+    for s in range(6):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(s))
+        ours.zero_grad(set_to_none=True)
+        a(x).pow(2).mean().backward()
+        grads = [p.grad.clone() for p in a.parameters()]
+        ours.step()
+        written = [lion_step(w, m, g, lr, betas, wd, bf16)[:2] for (w, m), g in zip(written, grads, strict=True)]
+        for p, (w, m) in zip(a.parameters(), written, strict=True):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(ours.state[p]["exp_avg"], m, rtol=0, atol=0)
     mlp_steps(b, ref, 6)
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)  # the same ops in the same order
 
 
@@ -159,7 +173,7 @@ def test_projected_step_is_the_plain_rule_in_subspace_coordinates(shape, rule):
     """With a fixed projection, no weight decay and alpha = 1, GaLore on W is exactly the plain
     rule on the low-rank coordinates X of W = W0 + P X (or W0 + X Q^T), whose gradient is P^T G
     (or G Q).  Checks the projection, the inner rule and the back-projection against torch's
-    AdamW and our Lion."""
+    AdamW and against Lion written out from the paper (tests/lion_reference.py)."""
     torch.manual_seed(0)
     rank, steps = 3, 6
     w0 = torch.randn(shape)
@@ -181,14 +195,56 @@ def test_projected_step_is_the_plain_rule_in_subspace_coordinates(shape, rule):
 
     left = shape[0] <= shape[1]
     x = nn.Parameter(torch.zeros((rank, shape[1]) if left else (shape[0], rank)))
-    ref = (torch.optim.AdamW([x], lr=1e-2, weight_decay=0.0) if rule == "adamw"
-           else Lion([x], lr=1e-2, weight_decay=0.0))
+    ref = torch.optim.AdamW([x], lr=1e-2, weight_decay=0.0) if rule == "adamw" else None
+    momentum = torch.zeros_like(x)
     for _ in range(steps):
-        ref.zero_grad(set_to_none=True)
-        loss_fn(w0 + (proj @ x if left else x @ proj.t())).backward()
-        ref.step()
+        loss = loss_fn(w0 + (proj @ x if left else x @ proj.t()))
+        if ref is not None:
+            ref.zero_grad(set_to_none=True)
+            loss.backward()
+            ref.step()
+        else:
+            (grad,) = torch.autograd.grad(loss, [x])
+            stepped, momentum, _ = lion_step(x.detach(), momentum, grad, 1e-2, ours.defaults["betas"], 0.0)
+            x = nn.Parameter(stepped)
     expected = w0 + (proj @ x if left else x @ proj.t())
     torch.testing.assert_close(w.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6)])
+def test_galore_lion_matches_the_written_out_rule_across_refreshes(shape, momentum_dtype):
+    """Seven steps of GaLore-Lion on one weight against the paper's GaLore step written out here
+    around Lion written out from its paper (tests/lion_reference.py): the projection from the
+    gradient's SVD at steps 1, 4 and 7, R = P^T G (or G Q), Lion on R with the momentum kept across
+    refreshes (rounded to bf16 where it is stored so), W <- W (1 - lr wd) - lr alpha P sign(c).
+    The gradients make the momentum overturn the sign of R for many entries."""
+    rank, every, steps, lr, wd, scale, betas = 3, 3, 7, 1e-2, 0.5, 0.25, (0.9, 0.99)
+    w = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    ours = GaLoreLion([w], lr=lr, betas=betas, weight_decay=wd, rank=rank, update_every=every, scale=scale,
+                      momentum_dtype=momentum_dtype)
+    left = shape[0] <= shape[1]
+    ref_w, momentum, proj = w.detach().clone(), None, None
+    flipped = []
+    for t, grad in enumerate(momentum_flipping_grads(shape, steps, seed=2), start=1):
+        w.grad = grad.clone()
+        ours.step()
+        if (t - 1) % every == 0:  # the paper's refresh, from the SVD of this step's gradient
+            u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+            proj = u[:, :rank] if left else vh[:rank].t()
+        low_grad = proj.t() @ grad if left else grad @ proj
+        if momentum is None:
+            momentum = torch.zeros_like(low_grad, dtype=momentum_dtype or torch.float32)
+        direction, momentum, c = lion_direction(momentum, low_grad, betas, momentum_dtype)
+        ref_w = ref_w * (1 - lr * wd) - lr * scale * (proj @ direction if left else direction @ proj.t())
+        assert c.abs().min() > 1e-4, t  # no sign of c that rounding could turn
+        state = ours.state[w]
+        torch.testing.assert_close(state[PROJ], proj, rtol=0, atol=0)
+        torch.testing.assert_close(state["exp_avg"], momentum, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w.detach(), ref_w, rtol=1e-5, atol=1e-6)
+        flipped.append(flipped_share(c, low_grad))
+    assert ours.state[w][REFRESH] == 7
+    assert min(flipped[1:]) > 0.3, flipped  # the momentum decided many signs, across the refreshes too
 
 
 def test_scale_and_decoupled_weight_decay_on_a_projected_weight():
@@ -233,9 +289,10 @@ def test_resume_through_a_safe_load_is_bitwise_exact(tmp_path, name, momentum):
     train(model, opt, range(6, 12))  # crosses the refresh at step 9
     train(resumed, opt2, range(6, 12))
     assert opt.state[model.wide][REFRESH] == 9
-    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), n
-    for p, q in zip(model.parameters(), resumed.parameters()):
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert opt.state[p].keys() == opt2.state[q].keys()
         for key, value in opt.state[p].items():
             other = opt2.state[q][key]
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other
@@ -308,15 +365,98 @@ def test_galore_trains_a_regression_model(name):
     assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
 
 
+def test_lion_galore_and_sha256_multi_mode_are_what_the_cli_run_used(tmp_path):
+    """The CLI run of tests/test_sha256_experiment.py's multi-mode Lion + GaLore smoke test, with
+    the evidence that each option was in use read from the checkpoint: every 2-D weight has a rank-8
+    projection and a bf16 Lion momentum of the low-rank shape (the smaller view: r x n for m <= n,
+    m x r otherwise), refreshed at step 6 (every 5 from step 1); the other parameters a full-size
+    bf16 momentum; no second moment anywhere; and the model reads multi mode's 24 words (8 state +
+    16 block words) where step mode has 10."""
+    rank = 8
+    out = trainlab("run", "sha256", "--preset", "smoke", "--steps", "10", "--set", "data.mode=multi",
+                   "--set", "optim.name=lion", "--set", "optim.momentum_dtype=bf16",
+                   "--set", f"optim.galore_rank={rank}", "--set", "optim.galore_update_every=5",
+                   "--set", "model.dim=64", "--run-dir", "m", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert history(tmp_path / "m")[-1]["step"] == 10
+    weights = final_weights(tmp_path / "m")
+    assert weights["pos"].shape[0] == 24
+    optimizer = torch.load(tmp_path / "m" / "checkpoints" / "step_00000010" / "state.pt",
+                           weights_only=True)["optimizer"]
+    states = list(optimizer["state"].values())
+    assert len(states) == len(weights)
+    # GaLore-Lion's state: its own step count, one momentum in bf16, no second moment (AdamW's)
+    assert all(s.get("step") == 10 and s["exp_avg"].dtype == torch.bfloat16 and "exp_avg_sq" not in s
+               for s in states), [sorted(s) for s in states]
+    projected = sorted((tuple(s[PROJ].shape), tuple(s["exp_avg"].shape), s[REFRESH]) for s in states if PROJ in s)
+    matrices = [tuple(w.shape) for w in weights.values() if w.dim() == 2]
+    assert matrices and all(min(shape) > rank for shape in matrices)
+    assert projected == sorted((((m, rank), (rank, n)) if m <= n else ((n, rank), (m, rank))) + (6,)
+                               for m, n in matrices)
+    full = sorted(tuple(s["exp_avg"].shape) for s in states if PROJ not in s)
+    assert full == sorted(tuple(w.shape) for w in weights.values() if w.dim() != 2)
+    assert all(g["rank"] == rank for g in optimizer["param_groups"])
+
+
+# ---------------------------------------------------------------------------------- devices
+def galore_run(name: str, device: torch.device, steps: int = 4, lr_factor: float = 1.0) -> dict:
+    """Mats trained `steps` steps on `device` from the same CPU-seeded start and batches; the
+    weights and projections come back on the CPU, with the device the state was kept on."""
+    torch.manual_seed(0)
+    model = Mats().to(device)
+    # one projection (at step 1): a later refresh would read the kept moments in a basis whose
+    # column signs are the SVD's arbitrary choice, which may differ between devices' libraries
+    opt = galore(name, model.parameters(), rank=4, update_every=100)
+    for group in opt.param_groups:
+        group["lr"] *= lr_factor
+    for s in range(steps):
+        opt.zero_grad(set_to_none=True)
+        model(batch(s).to(device)).backward()
+        opt.step()
+    return {"weights": {n: p.detach().cpu() for n, p in model.named_parameters()},
+            "projections": {n: opt.state[p][PROJ].cpu() for n, p in model.named_parameters() if PROJ in opt.state[p]},
+            "state_device": opt.state[model.wide][PROJ].device.type}
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """The same training up to floating-point differences: the projections span the same
+    subspaces (columns equal up to sign, which an SVD may choose either way and GaLore's update
+    does not depend on), and the weights agree within a tolerance far below one step's change."""
+    assert a["projections"].keys() == b["projections"].keys() == {"wide", "tall"}
+    for n in a["projections"]:
+        overlap = a["projections"][n].t() @ b["projections"][n]
+        torch.testing.assert_close(overlap.abs(), torch.eye(4), rtol=0, atol=1e-4, msg=lambda text, n=n: f"{n}: {text}")
+    assert a["weights"].keys() == b["weights"].keys()
+    for n in a["weights"]:
+        torch.testing.assert_close(a["weights"][n], b["weights"][n], rtol=1e-4, atol=1e-5,
+                                   msg=lambda text, n=n: f"{n}: {text}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["adamw", "lion"])
-def test_galore_runs_on_cuda(name):
-    torch.manual_seed(0)
-    model = Mats().cuda()
-    opt = galore(name, model.parameters(), rank=4, update_every=2)
-    for s in range(3):
-        opt.zero_grad(set_to_none=True)
-        model(batch(s).cuda()).backward()
-        opt.step()
-    assert opt.state[model.wide][PROJ].device.type == "cuda"
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+def test_galore_on_cuda_matches_cpu(name):
+    """The same steps on the GPU (cuSOLVER's SVD, CUDA matmuls) as on the CPU, to rounding."""
+    on_cuda = galore_run(name, torch.device("cuda"))
+    assert on_cuda["state_device"] == "cuda"
+    assert_same_run(on_cuda, galore_run(name, CPU))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_device_comparison_tolerates_the_svd_sign_choice_and_nothing_more(name, monkeypatch):
+    """The CPU twin of the CUDA test: another library's SVD may return singular vectors with
+    flipped signs (U D, D V^T with D = diag(+-1) is as valid); that must pass the comparison, a
+    different training (a 1 % larger learning rate) must not."""
+    plain = galore_run(name, CPU)
+    svd = torch.linalg.svd
+
+    def flipped_svd(a, full_matrices=True):
+        u, s, vh = svd(a, full_matrices=full_matrices)
+        signs = torch.tensor([-1.0, 1.0, -1.0] + [1.0] * (s.shape[-1] - 3))
+        return u * signs, s, vh * signs[:, None]
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped_svd)
+    other = galore_run(name, CPU)
+    assert not torch.equal(other["projections"]["wide"], plain["projections"]["wide"])  # the flip is real
+    assert_same_run(other, plain)
+    with pytest.raises(AssertionError):
+        assert_same_run(galore_run(name, CPU, lr_factor=1.01), plain)
