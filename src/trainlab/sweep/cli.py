@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def _steps_list(text: str | None) -> list[int] | None:
 
 
 def build_spec(args) -> SweepSpec:
+    from trainlab.sweep.runner import gpu_ids
+
     file: dict = {}
     target = args.target
     yaml_target = target.endswith((".yaml", ".yml")) and Path(target).is_file()
@@ -48,12 +51,13 @@ def build_spec(args) -> SweepSpec:
     gpus = args.gpus.split(",") if args.gpus else file.get("gpus", [])
     if any(not g.strip().isdigit() for g in gpus):
         raise UsageError(f"--gpus {','.join(gpus)}: expected comma-separated GPU indices, e.g. --gpus 0,1")
+    gpus = gpu_ids([g.strip() for g in gpus], os.environ.get("CUDA_VISIBLE_DEVICES"))
     steps = args.steps if args.steps is not None else file.get("steps")
     if steps is not None and steps < 1:
         raise UsageError(f"--steps {steps}: must be >= 1")
     return SweepSpec(target=target, preset=args.preset or file.get("preset"), sets=sets, steps=steps, grid=grid,
                      device=args.device or file.get("device", "auto"), parallel=parallel,
-                     backend=args.backend or file.get("backend", "local"), gpus=[g.strip() for g in gpus])
+                     backend=args.backend or file.get("backend", "local"), gpus=gpus)
 
 
 def print_sweep_report(sweep_dir: Path, at: list[int] | None = None, diverse_above: float | None = None) -> None:
@@ -133,7 +137,8 @@ def run_sweep_command(args) -> int:
         return signal_code
     bad = [s for s in states if s.state not in ("finished", "skipped")]
     if bad:
-        print("trainlab: " + "; ".join(f"{s.point.name} {s.state} (exit {s.exit_code}, log "
-                                       f"{sweep_dir / 'logs' / (s.point.name + '.log')})" for s in bad), file=sys.stderr)
+        print("trainlab: " + "; ".join(f"{s.point.name} {s.state}{': ' + s.note if s.note else ''} "
+                                       f"(exit {s.exit_code}, log {sweep_dir / 'logs' / (s.point.name + '.log')})"
+                                       for s in bad), file=sys.stderr)
         return EXIT_STOPPED
     return 0

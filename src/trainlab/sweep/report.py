@@ -17,6 +17,11 @@ fixed validation batch) at the last evaluation of each point:
   4. the diverse sizes are all sizes <= X -> "larger sizes lose diversity: LR is the lever"
   5. otherwise                           -> "non-monotonic: investigate"
 A point within 10 % of the diverse threshold is named: the verdict hangs on it.
+
+Only points whose run finished at its planned last step take part in the rules and the fit: the last
+value of a crashed, stopped, still running or cut-short point is not its final value, and judging it
+as one could turn a crash into "this size collapses".  Such points are named, with their state, step
+and reason, in the conclusion of their group ("left out, ...") and under the fit.
 """
 
 from __future__ import annotations
@@ -50,6 +55,21 @@ class PointResult:
     distinct_targets: float | None
     collapse_min: float | None
     lr_scale: str = "none"
+    reason: str = ""  # why the run ended where it did (status.json), when it says
+
+
+def is_complete(p: PointResult) -> bool:
+    """True when the point's run finished at its planned last step, so its last values are final."""
+    return p.state == "finished" and p.step is not None and (p.total_steps is None or p.step >= p.total_steps)
+
+
+def left_out_text(p: PointResult) -> str:
+    """Why a point takes no part in the conclusion: its state, how far it got, and its reason."""
+    if p.state == "not started":
+        return f"{p.name} not started (no metrics.csv)"
+    state = "finished early" if p.state == "finished" else p.state
+    where = f" at step {_fmt(p.step)} of {_fmt(p.total_steps)}"
+    return f"{p.name} {state}{where}" + (f" ({p.reason})" if p.reason else "")
 
 
 @dataclass
@@ -59,6 +79,7 @@ class Conclusion:
     verdict: str
     numbers: list[str] = field(default_factory=list)
     diverse_threshold: float | None = None
+    left_out: list[str] = field(default_factory=list)  # points of the group not judged, and why
 
 
 def _value_at(series: list[tuple[int, float]], step: int) -> tuple[float, int] | None:
@@ -90,7 +111,7 @@ def load_points(sweep_dir: Path, manifest: dict) -> tuple[list[PointResult], str
             run.status.get("total_steps"), params, loss_col, losses[-1][1] if losses else None,
             run.series(metric) if metric else [], losses, targets[-1][1] if targets else None,
             float(health["collapse_min"]) if isinstance(health.get("collapse_min"), (int, float)) else None,
-            str(((run.config or {}).get("optim") or {}).get("lr_scale", "none"))))
+            str(((run.config or {}).get("optim") or {}).get("lr_scale", "none")), run.summary.reason))
     return out, metric
 
 
@@ -120,14 +141,18 @@ def conclude(points: list[PointResult], collapse_min: float, diverse_above: floa
         groups.setdefault(_group_label(p), []).append(p)
     out = []
     for label, members in groups.items():
+        left_out = [left_out_text(p) for p in members if not is_complete(p)]
+        left_line = ([f"left out, their last values are not final: {'; '.join(left_out)}"] if left_out else [])
         if not metric:
             out.append(Conclusion(label, "-", "no collapse metric in these runs (health.collapse_metric is empty): "
-                                              "no conclusion about collapse"))
+                                              "no conclusion about collapse", left_line, left_out=left_out))
             continue
-        sized = sorted((p for p in members if p.params is not None and p.metric_series), key=lambda p: p.params)
+        sized = sorted((p for p in members if is_complete(p) and p.params is not None and p.metric_series),
+                       key=lambda p: p.params)
         if len(sized) < 2 or len({p.params for p in sized}) < 2:
-            out.append(Conclusion(label, "-", f"needs 2 or more sizes with measurements, has {len(sized)}: "
-                                              "no conclusion about size"))
+            out.append(Conclusion(label, "-", f"needs 2 or more sizes with measurements that finished, has "
+                                              f"{len(sized)}: no conclusion about size", left_line,
+                                  left_out=left_out))
             continue
         targets = [p.distinct_targets for p in sized if p.distinct_targets is not None]
         if diverse_above is not None:
@@ -163,7 +188,7 @@ def conclude(points: list[PointResult], collapse_min: float, diverse_above: floa
         fragile = [f"{_size_label(p)} {v:g}" for p, v, _ in finals if abs(v - threshold) <= 0.1 * threshold]
         if fragile:
             numbers.append(f"within 10 % of the diverse threshold, so the verdict hangs on them: {', '.join(fragile)}")
-        out.append(Conclusion(label, rule, verdict, numbers, threshold))
+        out.append(Conclusion(label, rule, verdict, numbers + left_line, threshold, left_out))
     return out
 
 
@@ -176,7 +201,7 @@ def _next_lr_step(points: list[PointResult]) -> str:
 def fits(points: list[PointResult], floor: float = 0.0) -> dict[str, PowerLawFit]:
     groups: dict[str, list[PointResult]] = {}
     for p in points:
-        if p.params is not None and p.final_loss is not None and math.isfinite(p.final_loss):
+        if is_complete(p) and p.params is not None and p.final_loss is not None and math.isfinite(p.final_loss):
             groups.setdefault(_group_label(p), []).append(p)
     return {label: fit_power_law([p.params for p in ps], [p.final_loss for p in ps], floor=floor)
             for label, ps in groups.items()}
@@ -246,6 +271,11 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
     for label, fit in power.items():
         blocks.append(_Para(f"[{label}] {fit.describe()}"))
         lines.append(f"[{label}] power law: {fit.describe()}")
+    unfinished = [left_out_text(p) for p in points if not is_complete(p)]
+    if unfinished:
+        text = f"not in the fit, their last loss is not final: {'; '.join(unfinished)}"
+        blocks.append(_Para(text))
+        lines.append(text)
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
     thresholds = sorted({c.diverse_threshold for c in conclusions if c.diverse_threshold is not None})
@@ -258,7 +288,8 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
     html_path.write_text(_to_html(blocks, f"trainlab sweep {sweep_dir.name}"), encoding="utf-8")
     summary = {
         "metric": metric, "collapse_min": collapse_min, "table_steps": steps,
-        "points": [{"name": p.name, "values": p.values, "state": p.state, "step": p.step, "params": p.params,
+        "points": [{"name": p.name, "values": p.values, "state": p.state, "reason": p.reason, "step": p.step,
+                    "total_steps": p.total_steps, "judged": is_complete(p), "params": p.params,
                     "final_loss": p.final_loss, "metric_at": {str(s): (_value_at(p.metric_series, s) or [None])[0]
                                                               for s in steps}} for p in points],
         "conclusions": [c.__dict__ for c in conclusions],
@@ -286,7 +317,8 @@ def _figures(points: list[PointResult], metric: str, collapse_min: float, thresh
                        [(t, f"diverse from {t:g}") for t in thresholds]),
                 f"{metric} against step; below the collapse line the collapse detector fires, from the "
                 "diverse line on a point counts as diverse in the conclusion"))
-    measured = [(p, p.params, p.final_loss) for p in points if p.params and p.final_loss is not None]
+    measured = [(p, p.params, p.final_loss) for p in points
+                if is_complete(p) and p.params and p.final_loss is not None]
     if len(measured) >= 2:
         series = []
         for label, fit in power.items():

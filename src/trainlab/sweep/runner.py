@@ -6,7 +6,10 @@ locks, logs and fails exactly like one -- and a crash in one point cannot take t
 Backends
 - local (default): subprocesses on this machine.  On a GPU machine they share the GPU (as seed 004
   did) or, with --gpus 0,1,..., each point gets one GPU through CUDA_VISIBLE_DEVICES, least-busy
-  first.  On CPU each point gets cores / K threads (OMP_NUM_THREADS) unless the caller set one.
+  first.  The indices count the GPUs this process sees, as torch does: under CUDA_VISIBLE_DEVICES=2,3
+  `--gpus 0,1` means physical GPUs 2 and 3, and a point gets CUDA_VISIBLE_DEVICES=2 or 3 (passing "0"
+  on would hand it a GPU the caller had hidden).  On CPU each point gets cores / K threads
+  (OMP_NUM_THREADS) unless the caller set one.
 - ray (optional extra): each point is a Ray task holding its GPU request (--gpus-per-point) that
   runs the same command; for grids larger than one machine.  The run directories must be on a
   filesystem every node sees (the sweep reads them for the table and the report).
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from trainlab.engine.logs import METRICS_FILE, read_metrics
 from trainlab.engine.rundir import read_status
-from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM
+from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, UsageError
 from trainlab.sweep.spec import Point, SweepSpec
 
 POLL_S = 1.0
@@ -57,6 +60,21 @@ class PointState:
     ended: float | None = None
     note: str = ""
     live: dict = field(default_factory=dict)
+
+
+def gpu_ids(indices: list[str], visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value for each of --gpus' indices, given the sweep's own
+    CUDA_VISIBLE_DEVICES (`visible`, None when unset: every GPU is visible and an index is itself)."""
+    if visible is None:
+        return list(indices)
+    seen = [d.strip() for d in visible.split(",") if d.strip()]
+    for i in indices:
+        if int(i) >= len(seen):
+            shown = f"CUDA_VISIBLE_DEVICES={visible!r} makes " + (
+                f"{len(seen)} GPU{'s' if len(seen) != 1 else ''} visible (indices 0-{len(seen) - 1})" if seen
+                else "no GPU visible")
+            raise UsageError(f"--gpus {','.join(indices)}: index {i} does not exist; {shown}")
+    return [seen[int(i)] for i in indices]
 
 
 def already_finished(run_dir: Path, total_steps: int) -> bool:
@@ -193,6 +211,12 @@ def _finish(state: PointState, code: int) -> None:
     state.exit_code, state.ended, state.proc = code, time.monotonic(), None
     state.state = {0: "finished", 1: "stopped"}.get(code, "interrupted" if code in (EXIT_SIGINT, EXIT_SIGTERM)
                                                      else "failed")
+    # exit 1 is both a stop by a policy and a training failure; the point's status.json tells them apart
+    status = read_status(state.run_dir)
+    if code == 1 and status.get("state") == "crashed":
+        state.state = "failed"
+    if code != 0:
+        state.note = str(status.get("reason") or "")
 
 
 def run_local(spec: SweepSpec, states: list[PointState], table: Table, log_dir: Path) -> int | None:
