@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from trainlab.engine.logs import read_metrics
@@ -22,8 +23,10 @@ def cli_env() -> dict:
     return env
 
 
-def trainlab(*args: str, cwd: Path, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "trainlab", *args], cwd=cwd, env=cli_env(),
+def trainlab(*args: str, cwd: Path, timeout: float = 120, check: bool = False,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """`env`: variables set on top of cli_env() for this one command."""
+    proc = subprocess.run([sys.executable, "-m", "trainlab", *args], cwd=cwd, env={**cli_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainlab {' '.join(args)} exited {proc.returncode}\n{proc.stderr}")
@@ -44,6 +47,17 @@ def final_weights(run_dir: Path) -> dict:
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     steps = [p for p in steps if p.name[5:].isdigit()]
     return load_file(str(steps[-1] / "model.safetensors"))
+
+
+def assert_same_weights(expected: dict, actual: dict) -> None:
+    """Two name -> tensor maps hold the same weights: the same non-empty set of names, and each
+    tensor equal bit for bit in dtype, shape and value.  (zip() over two dicts' values would pass
+    on an empty or a shorter side, and pairs tensors by position, not by name.)"""
+    assert expected, "no weights to compare: the expected side is empty"
+    missing, extra = sorted(expected.keys() - actual.keys()), sorted(actual.keys() - expected.keys())
+    assert not missing and not extra, f"different tensor names: missing {missing[:4]}, unexpected {extra[:4]}"
+    differ = [k for k in expected if expected[k].dtype != actual[k].dtype or not torch.equal(expected[k], actual[k])]
+    assert not differ, f"{len(differ)} of {len(expected)} tensors differ, e.g. {differ[:4]}"
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import trainlab.engine.checkpoint as ckpt_mod
-from conftest import final_weights, history, trainlab
+from conftest import assert_same_weights, final_weights, history, trainlab
 from trainlab.engine.checkpoint import CheckpointStore, sha256_file
 from trainlab.engine.logs import read_events
 from trainlab.errors import UsageError
@@ -39,8 +39,7 @@ def test_save_and_load_roundtrip(tmp_path: Path):
     latest = store.latest_valid()
     state = CheckpointStore.load(latest, other, torch.device("cpu"))
     assert latest.step == 5 and state["step"] == 5 and torch.equal(state["blob"], torch.arange(10) * 5)
-    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_same_weights(model.state_dict(), other.state_dict())
 
 
 def test_retention_keeps_last_k_and_best(tmp_path: Path):
@@ -50,6 +49,81 @@ def test_retention_keeps_last_k_and_best(tmp_path: Path):
         store.save(step, model, _state(step), {}, best=step == 2)
     assert [p.name for p in store.complete_dirs()] == ["step_00000002", "step_00000004", "step_00000005"]
     assert store.best_name() == "step_00000002"
+
+
+def _break(folder: Path) -> None:
+    """Flip one byte of the weights: the folder stays in place but no longer matches its manifest."""
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def _saved_step_marker(folder: Path) -> int:
+    """Which save wrote this folder: each save below stores a distinct blob (state.pt is left intact)."""
+    return int(torch.load(folder / "state.pt", weights_only=True)["blob"][1])
+
+
+def test_best_json_never_names_a_checkpoint_that_is_gone_or_replaced(tmp_path: Path):
+    events = []
+    store = CheckpointStore(tmp_path, keep=1, on_event=events.append)
+    model = _model()
+    best_file = tmp_path / "best.json"
+    # a newer best releases the old one to retention: it is pruned and best.json follows
+    store.save(1, model, _state(1), {}, best=True)
+    store.save(2, model, _state(2), {})
+    assert [p.name for p in store.complete_dirs()] == ["step_00000001", "step_00000002"]
+    store.save(3, model, _state(3), {}, best=True)
+    assert [p.name for p in store.complete_dirs()] == ["step_00000003"] and store.best_name() == "step_00000003"
+    # setting aside a later interval leaves best.json alone; an interval holding the best removes it
+    store.save(4, model, _state(4), {})
+    store.set_aside_from(4, "test: after the best")
+    assert store.best_name() == "step_00000003"
+    store.set_aside_from(3, "test: the best inside")
+    assert not best_file.exists() and (tmp_path / "step_00000003.corrupt").is_dir()  # kept, not named
+    # a corrupt best found on resume: set aside by latest_valid, and best.json goes with it
+    store.save(5, model, _state(5), {}, best=True)
+    _break(tmp_path / "step_00000005")
+    assert store.latest_valid() is None and not best_file.exists()
+    # an invalid best replaced by a new, not-best save of the same step: best.json must not name the new one
+    store.save(6, model, _state(6), {}, best=True)
+    _break(tmp_path / "step_00000006")
+    store.save(6, model, _state(60), {})
+    assert _saved_step_marker(tmp_path / "step_00000006") == 60 and store.best_name() is None
+    assert [e["path"].rsplit("/", 1)[-1] for e in events if e["kind"] == "checkpoint_corrupt"] == \
+        ["step_00000004", "step_00000003", "step_00000005", "step_00000006"]
+
+
+def test_a_second_corrupt_checkpoint_of_the_same_step_is_set_aside_beside_the_first(tmp_path: Path):
+    events = []
+    store = CheckpointStore(tmp_path, keep=3, on_event=events.append)
+    model = _model()
+    store.save(1, model, _state(1), {})
+    for marker in (20, 21, 22):  # step 2 saved, found corrupt and set aside, three times over
+        store.save(2, model, _state(marker), {})
+        _break(tmp_path / "step_00000002")
+        assert store.latest_valid().step == 1
+    names = ["step_00000002.corrupt", "step_00000002.corrupt-2", "step_00000002.corrupt-3"]
+    assert [Path(e["moved_to"]).name for e in events if e["kind"] == "checkpoint_corrupt"] == names
+    # each folder still holds what its own save wrote: no set-aside overwrote an earlier one
+    assert [_saved_step_marker(tmp_path / name) for name in names] == [20, 21, 22]
+    assert not (tmp_path / "step_00000002").exists()
+
+
+def test_saving_over_an_invalid_folder_of_the_same_step_keeps_it_aside_and_writes_a_whole_one(tmp_path: Path):
+    events = []
+    store = CheckpointStore(tmp_path, keep=3, on_event=events.append)
+    model = _model()
+    store.save(5, model, _state(5), {})
+    _break(tmp_path / "step_00000005")
+    path = store.save(5, model, _state(50), {})  # e.g. a resumed run reaching step 5 again
+    assert path == tmp_path / "step_00000005" and store.verify(path) is None
+    assert _saved_step_marker(path) == 50
+    assert _saved_step_marker(tmp_path / "step_00000005.corrupt") == 5  # the broken one kept aside
+    assert events[-1]["kind"] == "checkpoint_corrupt" and "replaced by a new save" in events[-1]["reason"]
+    # a whole folder of that step is not written again (a signal right after a periodic save)
+    assert store.save(5, model, _state(51), {}) == path and _saved_step_marker(path) == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005", "step_00000005.corrupt"]
 
 
 def test_save_interrupted_midway_leaves_previous_loadable(tmp_path: Path, monkeypatch):
@@ -111,8 +185,7 @@ def test_corrupted_newest_in_a_real_run(tmp_path: Path):
     resume = [e for e in events if e["kind"] == "resume"][-1]
     assert resume["step"] == 10
     assert history(tmp_path / "r") == history(tmp_path / "ref")
-    for a, b in zip(final_weights(tmp_path / "ref").values(), final_weights(tmp_path / "r").values()):
-        assert torch.equal(a, b)
+    assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "r"))
 
 
 class _Exploit:

@@ -229,17 +229,6 @@ def test_stop_policy_checkpoints_and_exits_1(tmp_path: Path):
     assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "stopped"
 
 
-def test_rollback_policy_reloads_scales_lr_and_gives_up_after_k(tmp_path: Path):
-    out = trainlab(*SMOKE, "--set", "health.collapse=rollback", "--set", "health.bounds={acc: [0, 0.08]}",
-                   "--set", "health.rollback_max=2", "--set", "ckpt.every=5", "--run-dir", "r", cwd=tmp_path)
-    assert out.returncode == 1, out.stderr
-    events = read_events(tmp_path / "r" / "events.jsonl")
-    rollbacks = [e for e in events if e["kind"] == "rollback"]
-    assert [e["lr_scale"] for e in rollbacks] == [0.5, 0.25]
-    assert all(e["step"] < e["from_step"] for e in rollbacks)
-    assert "stopped after 2 rollbacks" in out.stderr
-
-
 @pytest.mark.parametrize("case,expected", [("healthy", "READY"), ("stuck", "NOT READY")])
 def test_preflight_verdicts(tmp_path: Path, case: str, expected: str):
     extra = [] if case == "healthy" else ["--set", "optim.lr=1e-9"]

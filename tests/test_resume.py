@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import final_weights, history, spawn, trainlab
+from conftest import assert_same_weights, final_weights, history, spawn, trainlab
 from trainlab.engine.logs import read_events, read_rows
 
 # Checkpoints every 7 steps and rows every 5, so kills land between checkpoints and mid-interval.
@@ -54,10 +53,7 @@ def test_sigkill_then_resume_is_exact(reference: Path, tmp_path: Path):
     done = trainlab(*RUN, "--run-dir", str(run_dir), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert history(run_dir) == history(reference)
-    ref_w, got_w = final_weights(reference), final_weights(run_dir)
-    assert ref_w.keys() == got_w.keys()
-    for key in ref_w:
-        assert torch.equal(ref_w[key], got_w[key]), key
+    assert_same_weights(final_weights(reference), final_weights(run_dir))
     events = read_events(run_dir / "events.jsonl")
     assert sum(e["kind"] == "resume" for e in events) >= 1
     # append-only: earlier attempts' rows are still there, and attempts are numbered
@@ -82,7 +78,7 @@ def test_signal_saves_checkpoint_and_resume_is_exact(reference: Path, tmp_path: 
     done = trainlab(*RUN, "--run-dir", str(run_dir), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert history(run_dir) == history(reference)
-    assert all(torch.equal(a, b) for a, b in zip(final_weights(reference).values(), final_weights(run_dir).values()))
+    assert_same_weights(final_weights(reference), final_weights(run_dir))
 
 
 def test_rerun_of_finished_run_says_so_and_extension_continues(reference: Path, tmp_path: Path):

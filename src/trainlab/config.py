@@ -486,8 +486,8 @@ def _field_type(root_types: dict[str, type], key: str) -> tuple[Any, dict]:
     for depth, name in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         here = ".".join(parts[: depth + 1])
-        if name not in fields:
-            raise unknown_key(here, name, list(fields))
+        if name not in fields:  # an empty first part (`--set .x=1`) leaves `here` empty: name the whole key
+            raise unknown_key(here or key, name, list(fields))
         tp = hints[name]
         meta = dict(fields[name].metadata)
         if depth < len(parts) - 1:

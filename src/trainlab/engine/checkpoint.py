@@ -210,6 +210,9 @@ class CheckpointStore:
     def _set_aside(self, path: Path, reason: str) -> None:
         target = unused_sibling(path, f"{path.name}.corrupt")
         os.rename(path, target)
+        # best.json must not name a folder that is gone, nor one a later save of the same step puts there
+        if self.best_name() == path.name:
+            (self.root / "best.json").unlink(missing_ok=True)
         self.on_event({"kind": "checkpoint_corrupt", "path": str(path), "reason": reason,
                        "moved_to": str(target)})
 
@@ -218,9 +221,6 @@ class CheckpointStore:
         for path in self.complete_dirs():
             if int(path.name[5:]) >= step:
                 self._set_aside(path, reason)
-        best = self.best_name()
-        if best and not (self.root / best).exists():
-            (self.root / "best.json").unlink(missing_ok=True)
 
     def latest_valid(self, before_step: int | None = None) -> Checkpoint | None:
         """The newest whole checkpoint (older than `before_step` if given); broken newer ones are set

@@ -238,6 +238,9 @@ class Trainer:
                                   f"step {onset}")
         rollbacks, lr_scale = self.rollbacks, self.lr_scale  # these carry over; the rest is reloaded
         self._restore(self.store.load(ckpt, self.model, self.device))
+        # newer checkpoints hold the run being discarded: the retry's save of such a step would keep
+        # them (a whole folder is not rewritten), and a resume would continue the discarded run
+        self.store.set_aside_from(ckpt.step + 1, f"discarded by the rollback to step {ckpt.step}")
         self.rollbacks = rollbacks + 1
         self.lr_scale = lr_scale * health.rollback_lr_factor
         self._last_log_step = self.step  # the next row's interval starts at the restored step
