@@ -150,12 +150,13 @@ class _OverflowsAt(ModAdd):
 
 def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path: Path):
     """Steps 3 and 6 overflow: GradScaler must skip exactly those (weights untouched), halve its
-    scale each time, and amp_skipped must count them in the rows that follow."""
+    scale each time, and amp_skipped must count them in the rows that follow.  A skipped step is
+    GradScaler's normal recovery, not a fault: under the default train.nonfinite=stop the run goes
+    on, and the skipped step's (infinite) norm is left out of grad_norm, not averaged into it."""
     overflow = {2, 5}  # 0-based: steps 3 and 6 of the log
-    # warn, not the default stop: the engine takes the non-finite gradient norm of a step GradScaler
-    # skipped for a non-finite interval and would stop the run at step 3 (reported to the lead)
     cfg = _modadd_cfg(("train.steps", "8"), ("train.precision", "fp16"), ("log.every", "1"),
-                      ("train.nonfinite", "warn"), ("schedule.warmup", "0"))  # no warm-up: lr > 0 from step 1
+                      ("schedule.warmup", "0"))  # no warm-up: lr > 0 from step 1
+    assert cfg.train.nonfinite == "stop"
     recorder = _Recorder()
     Trainer(cfg, _OverflowsAt(overflow), tmp_path / "r", torch.device("cpu"), observers=[recorder]).fit()
     assert recorder.applied == [s not in overflow for s in range(8)]
@@ -164,6 +165,28 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path: Path):
     skipped_so_far = [sum(s < r["step"] for s in overflow) for r in rows]
     assert [r["amp_skipped"] for r in rows] == skipped_so_far
     assert [r["amp_scale"] for r in rows] == [2.0 ** 16 / 2 ** k for k in skipped_so_far]
+    # a row whose only step was skipped has no measured norm; the others are finite
+    assert [r.get("grad_norm") is None for r in rows] == [s - 1 in overflow for s in range(1, 9)]
+    assert all(math.isfinite(r["grad_norm"]) for r in rows if r.get("grad_norm") is not None)
+    assert not [e for e in read_events(tmp_path / "r" / "events.jsonl") if e["kind"] == "nonfinite"]
+
+
+def test_fp16_grad_norm_of_an_interval_is_the_mean_over_the_applied_steps(tmp_path: Path):
+    """Log rows every 2 steps, steps 3 and 6 overflow: each of those intervals holds one skipped and
+    one applied step, and its grad_norm is the applied step's norm (computed here from the gradients
+    the optimizer got), not inf and not halved by counting the skipped step."""
+    overflow = {2, 5}
+    cfg = _modadd_cfg(("train.steps", "8"), ("train.precision", "fp16"), ("log.every", "2"),
+                      ("train.clip", "0"), ("schedule.warmup", "0"))
+    recorder = _Recorder()
+    Trainer(cfg, _OverflowsAt(overflow), tmp_path / "r", torch.device("cpu"), observers=[recorder]).fit()
+    norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+             for grads in recorder.grads]
+    rows = read_metrics(tmp_path / "r" / "metrics.csv")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    for row in rows:
+        applied = [norms[s] for s in (row["step"] - 2, row["step"] - 1) if s not in overflow]
+        assert row["grad_norm"] == pytest.approx(sum(applied) / len(applied), rel=1e-5), row["step"]
 
 
 @pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])

@@ -71,6 +71,9 @@ class RunResult:
     reason: str = ""
 
 
+_APPLIED = "_applied"  # interval sum of the steps GradScaler applied (fp16); not a logged column
+
+
 @dataclass
 class _Interval:
     """Metric sums since the last log row, kept on the device."""
@@ -335,18 +338,26 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
         self.scaler.update()
+        applied = None
         if self.scaler.is_enabled():
             # the scale shrinks exactly when the step was skipped for inf/nan gradients
-            self.amp_skipped += (self.scaler._scale < scale_before).float().squeeze()
+            applied = (self.scaler._scale >= scale_before).squeeze()
+            self.amp_skipped += (~applied).float()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_step_loss = step_loss
         for hook in self._after_update:
             hook(self)
 
         self.interval.add("loss", step_loss)
-        self.interval.add("grad_norm", grad_norm)
         self.last_lr = lr
         gn = grad_norm.detach().float()
+        if applied is not None:
+            # a step GradScaler skipped has an inf/nan norm by construction and changed no weight: that
+            # is fp16's normal recovery (amp_skipped counts it), not a fault for train.nonfinite, so its
+            # norm stays out of grad_norm and grad_norm_max (no host sync: a masked sum and a count)
+            gn = torch.where(applied, gn, torch.zeros_like(gn))
+            self.interval.add(_APPLIED, applied.float())
+        self.interval.add("grad_norm", gn)
         self.interval.grad_norm_max = gn.clone() if self.interval.grad_norm_max is None \
             else torch.maximum(self.interval.grad_norm_max, gn)
         for k, v in step_metrics.items():
@@ -463,6 +474,11 @@ class Trainer:
             tensors += [self.scaler._scale.float().reshape(()), self.amp_skipped.reshape(())]
         values = torch.stack([t.to(self.device) for t in tensors]).tolist() if tensors else []  # <- the sync
         row: dict[str, Any] = dict(zip(names, values))
+        if _APPLIED in row:  # grad_norm over the steps GradScaler applied; none applied: not measured
+            applied_share = row.pop(_APPLIED)
+            row["grad_norm"] = row["grad_norm"] / applied_share if applied_share > 0 else None
+            if applied_share == 0:
+                row["grad_norm_max"] = None
         row.update(step=self.step, attempt=self.attempt, elapsed_s=round(elapsed, 3), lr=self.last_lr,
                    skipped_steps=self.skipped_steps, weight_decay=self.last_weight_decay)
         for name, w in schedules.loss_weights(self.cfg.schedule, max(self.step - 1, 0), self.cfg.train.steps).items():
