@@ -7,6 +7,10 @@ are started together on a thread pool (one worker per CPU) as soon as the first 
 test then waits for its own result.  Before and after each command the whole working directory
 is snapshot (relative path -> bytes, directories included), so "nothing written" covers both a run
 directory that must not appear and an existing one that must stay byte-identical.
+
+`trainlab check` and `trainlab report` refusing a run directory run in this process instead
+(test_bad_run_dir): they train nothing, and the same promise is checked on trainlab.cli.main.
+A read-only directory is made with chmod, or, for root (CI), as a tmpfs remounted read-only.
 """
 
 from __future__ import annotations
@@ -74,20 +78,63 @@ def skip_with_cuda(cwd: Path) -> str | None:
     return "CUDA is available here, so --device cuda is valid input" if cuda_available() else None
 
 
-def read_only_dir(cwd: Path) -> str | None:
-    ro = cwd / "ro"
+def _make_read_only(ro: Path, fill: Callable[[Path], None] | None = None) -> str | None:
+    """Directory `ro`, filled by `fill`, made read-only: by chmod for a normal user; for root, who
+    ignores permission bits (CI runs as root), as a tmpfs remounted read-only, which stops root too."""
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    if os.access(ro, os.W_OK):
-        ro.chmod(stat.S_IRWXU)
-        return "chmod cannot make a directory read-only for this user (root?)"
+    by_chmod = not os.access(ro, os.W_OK)
+    ro.chmod(stat.S_IRWXU)
+    if not by_chmod:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ro)], capture_output=True)
+        if mounted.returncode != 0:
+            return ("cannot make a directory read-only here: chmod does not bind this user (root) and "
+                    f"mount failed ({mounted.stderr.decode().strip()[:80]})")
+    if fill:
+        fill(ro)
+    if by_chmod:
+        for path in [*ro.rglob("*"), ro]:
+            path.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True, check=True)
+    assert not os.access(ro, os.W_OK), "the directory is still writable"
     return None
+
+
+def read_only_dir(cwd: Path) -> str | None:
+    return _make_read_only(cwd / "ro")
 
 
 def restore_read_only_dir(cwd: Path) -> None:
     ro = cwd / "ro"
-    if ro.exists():
-        ro.chmod(stat.S_IRWXU)
+    if os.path.ismount(ro):
+        subprocess.run(["umount", str(ro)], capture_output=True, check=True)
+    elif ro.exists():
+        for path in [ro, *ro.rglob("*")]:
+            path.chmod(stat.S_IRWXU)
+
+
+# A run directory written by hand: the least `trainlab check` and `trainlab report` accept.
+FAKE_CONFIG = b"experiment: modadd\npreset: smoke\n"
+FAKE_METRICS = b"step,loss\n5,3.1\n10,3.0\n"
+
+
+def write_run_files(run: Path, files: dict[str, bytes | None] | None = None) -> None:
+    """config.yaml and metrics.csv into `run`, each replaced (None: left out) or added to by `files`."""
+    for name, data in {"config.yaml": FAKE_CONFIG, "metrics.csv": FAKE_METRICS, **(files or {})}.items():
+        if data is not None:
+            (run / name).write_bytes(data)
+
+
+def fake_run(files: dict[str, bytes | None] | None = None) -> Callable[[Path], None]:
+    def setup(cwd: Path) -> None:
+        (cwd / "r").mkdir()
+        write_run_files(cwd / "r", files)
+    return setup
+
+
+def read_only_run(cwd: Path) -> str | None:
+    return _make_read_only(cwd / "ro", write_run_files)
 
 
 def finished_smoke_run(cwd: Path) -> None:
@@ -174,6 +221,39 @@ CASES = [
 CASE_BY_ID = {c.id: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "case ids must be unique"
 
+# `trainlab check RUN_DIR` and `trainlab report RUN_DIR` refusing a run directory.  They train
+# nothing, so they run in this process through trainlab.cli.main (the `trainlab` entry point):
+# milliseconds each instead of a subprocess's torch import, with the same promise checked.
+RUN_DIR_CASES = [
+    # --- trainlab check RUN_DIR --------------------------------------------------------------------
+    Bad("check-dir-missing", ("check", "nowhere"), ("run directory nowhere: not found",)),
+    Bad("check-not-a-run-dir", ("check", "plain"), ("plain", "needs config.yaml and metrics.csv"),
+        setup=make_dir("plain")),
+    Bad("check-metrics-not-utf8", ("check", "r"), ("run directory r: metrics.csv is unreadable", "utf-8"),
+        setup=fake_run({"metrics.csv": FAKE_METRICS + b"15,\xff\xfe\n"})),
+    Bad("check-config-not-utf8", ("check", "r"), ("run directory r: config.yaml is unreadable", "utf-8"),
+        setup=fake_run({"config.yaml": FAKE_CONFIG + b"# \xff\n"})),
+    Bad("check-config-malformed", ("check", "r"), ("run directory r: config.yaml is malformed",),
+        setup=fake_run({"config.yaml": b"experiment: [modadd\n"})),
+    Bad("check-read-only-run", ("check", "ro"), ("run directory ro: cannot write check.json",),
+        setup=read_only_run, teardown=restore_read_only_dir),
+    # --- trainlab report RUN_DIR -------------------------------------------------------------------
+    Bad("report-dir-missing", ("report", "nowhere"), ("run directory nowhere: not found",)),
+    Bad("report-not-a-run-dir", ("report", "plain"), ("plain", "no metrics.csv"), setup=make_dir("plain")),
+    Bad("report-verdicts-not-an-object", ("report", "r"), ("a saved verdict file is malformed", "check.json"),
+        setup=fake_run({"check.json": b"[]\n"})),
+    Bad("report-verdict-unknown", ("report", "r"), ("a saved verdict file is malformed", "verdict must be one of",
+                                                    "'great'"),
+        setup=fake_run({"preflight.json": b'{"claims": [{"name": "x", "verdict": "great"}]}'})),
+    Bad("report-metrics-not-utf8", ("report", "r"), ("run directory r: metrics.csv is unreadable", "utf-8"),
+        setup=fake_run({"metrics.csv": FAKE_METRICS + b"15,\xff\xfe\n"})),
+    Bad("report-events-not-utf8", ("report", "r"), ("run directory r: events.jsonl is unreadable", "utf-8"),
+        setup=fake_run({"events.jsonl": b'{"kind": "start"}\n\xff\n'})),
+    Bad("report-read-only-run", ("report", "ro"), ("run directory ro: cannot write the report", "ro/"),
+        setup=read_only_run, teardown=restore_read_only_dir),
+]
+assert not {c.id for c in RUN_DIR_CASES} & set(CASE_BY_ID), "case ids must be unique"
+
 
 @dataclass
 class Outcome:
@@ -218,21 +298,45 @@ def test_bad_input(case: Bad, bad_outcomes):
     if out.skip:
         pytest.skip(out.skip)
     proc = out.proc
-    both = proc.stdout + proc.stderr
-    where = f"trainlab {' '.join(case.args)}\n--- stdout:\n{proc.stdout}--- stderr:\n{proc.stderr}"
-    assert "Traceback" not in both, where
-    assert proc.returncode == 2, where
-    line = proc.stderr.strip()
+    assert_refused(case, proc.returncode, proc.stdout, proc.stderr, out.before, out.after)
+
+
+def assert_refused(case: Bad, code: int, stdout: str, stderr: str, before: dict, after: dict) -> None:
+    """Exit 2, one line on stderr naming what is wrong, nothing on stdout, no file touched."""
+    where = f"trainlab {' '.join(case.args)}\n--- stdout:\n{stdout}--- stderr:\n{stderr}"
+    assert "Traceback" not in stdout + stderr, where
+    assert code == 2, where
+    line = stderr.strip()
     assert line and line.count("\n") == 0, f"expected exactly one line on stderr; {where}"
     assert line.startswith("trainlab: error: "), where
-    assert proc.stdout == "", where
+    assert stdout == "", where
     for needle in case.expect:
         assert needle in line, f"{needle!r} missing from the message; {where}"
-    assert out.after == out.before, (
-        f"files changed: added {sorted(set(out.after) - set(out.before))}, "
-        f"removed {sorted(set(out.before) - set(out.after))}, "
-        f"modified {sorted(k for k in out.before if k in out.after and out.before[k] != out.after[k])}; {where}")
-    assert "runs" not in out.after, where
+    assert after == before, (
+        f"files changed: added {sorted(set(after) - set(before))}, "
+        f"removed {sorted(set(before) - set(after))}, "
+        f"modified {sorted(k for k in before if k in after and before[k] != after[k])}; {where}")
+    assert "runs" not in after, where
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in RUN_DIR_CASES])
+def test_bad_run_dir(case: Bad, tmp_path, monkeypatch, capsys):
+    from trainlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        skip = case.setup(tmp_path) if case.setup else None
+        if skip:
+            pytest.skip(skip)
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        code = main(list(case.args))
+        out = capsys.readouterr()
+        after = snapshot(tmp_path)
+    finally:
+        if case.teardown:
+            case.teardown(tmp_path)
+    assert_refused(case, code, out.out, out.err, before, after)
 
 
 def test_resume_case_really_had_a_finished_run(bad_outcomes):

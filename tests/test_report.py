@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -421,6 +422,9 @@ def test_png_decoder_on_a_known_image():
 def test_report_renders_in_headless_chromium(runs, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
+        # .ci/run says what it managed: a browser it installed must be found here, not skipped over
+        if os.environ.get("TRAINLAB_CI_CHROMIUM") == "installed":
+            pytest.fail(".ci/run installed chromium, yet it is not on this test's PATH")
         pytest.skip("chromium is not installed (Debian package 'chromium'); the report is not rendered by a browser")
     run = _copy(runs["sha"], tmp_path)
     _, html_path = write_report(run, [Claim("c", "pass", "1", "e", "s")])
@@ -464,3 +468,11 @@ def test_a_run_without_metrics_is_all_not_measured(runs, tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(UsageError, match="trainlab run directory"):
         build_report(tmp_path / "plain")
+
+
+def test_a_config_that_is_not_utf8_is_named_and_the_report_goes_on(runs, tmp_path):
+    run = _copy(runs["modadd"], tmp_path)
+    (run / "config.yaml").write_bytes(b"experiment: modadd\n# \xff\n")
+    md, html, svgs = build_report(run)
+    assert "config.yaml (config.yaml unreadable: 'utf-8' codec can't decode byte 0xff" in md
+    assert "report-loss.svg" in svgs  # metrics.csv is still read and drawn

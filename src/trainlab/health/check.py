@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import yaml
 
 from trainlab import config as config_mod
+from trainlab.engine.checkpoint import write_atomic
 from trainlab.engine.logs import METRICS_FILE, read_metrics
 from trainlab.errors import UsageError
 from trainlab.experiment import get_experiment
@@ -20,16 +22,29 @@ SEVERITY_VERDICT = {"critical": "fail", "warn": "warn", "info": "info"}
 def load_run(run_dir: Path):
     """(experiment, config, rows) of a run directory, or UsageError naming what is missing."""
     config_path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir}: not found")
     if not (run_dir / METRICS_FILE).is_file() or not config_path.is_file():
         raise UsageError(f"run directory {run_dir}: needs config.yaml and metrics.csv (not a trainlab run?)")
     try:
         data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"run directory {run_dir}: config.yaml is unreadable ({_why(exc)})") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"run directory {run_dir}: config.yaml is malformed ({' '.join(str(exc).split())[:120]})") from None
+        raise UsageError(f"run directory {run_dir}: config.yaml is malformed ({_why(exc)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
         raise UsageError(f"run directory {run_dir}: config.yaml has no 'experiment' key")
     experiment = get_experiment(data["experiment"])
-    return experiment, config_mod.build_saved(experiment, data), read_metrics(run_dir / METRICS_FILE)
+    cfg = config_mod.build_saved(experiment, data)
+    try:
+        rows = read_metrics(run_dir / METRICS_FILE)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # bytes that are not a CSV we wrote
+        raise UsageError(f"run directory {run_dir}: {METRICS_FILE} is unreadable ({_why(exc)})") from None
+    return experiment, cfg, rows
+
+
+def _why(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:120]
 
 
 def _needs(cfg, name: str, columns: set[str]) -> str | None:
@@ -80,6 +95,10 @@ def check_run(run_dir: Path) -> tuple[list[dict], list[Claim]]:
         else:
             claims.append(Claim(cls.name, "pass", f"no alert in {checked[cls.name]} judged rows of {len(rows)}",
                                 (cls.__doc__ or cls.name).split("\n")[0], where))
-    (run_dir / "check.json").write_text(json.dumps({"alerts": alerts, "claims": [c.__dict__ for c in claims]},
-                                                   indent=1, default=str), encoding="utf-8")
+    try:
+        # through a temporary file: a report reading check.json meanwhile must never see half of it
+        write_atomic(run_dir / "check.json", json.dumps({"alerts": alerts, "claims": [c.__dict__ for c in claims]},
+                                                        indent=1, default=str))
+    except OSError as exc:  # a read-only copy of a run, say: the verdicts must still not end in a traceback
+        raise UsageError(f"run directory {run_dir}: cannot write check.json ({exc.strerror or exc})") from None
     return alerts, claims

@@ -12,6 +12,7 @@ empty chart.  report.html inlines every SVG and its CSS: no script, no external 
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import math
@@ -102,11 +103,13 @@ def _load_run(run_dir: Path) -> _Run:
         note = "" if config is not None else "config.yaml is not a mapping"
     except FileNotFoundError:
         note = "config.yaml not found"
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         note = f"config.yaml unreadable: {' '.join(str(exc).split())[:160]}"
     metrics = run_dir / METRICS_FILE
-    run = _Run(path=run_dir, config=config, config_note=note, header=read_header(metrics) or [],
-               rows=read_metrics(metrics), raw_rows=len(read_rows(metrics)), events=read_events(run_dir / EVENTS_FILE),
+    header = _read(run_dir, METRICS_FILE, read_header)
+    rows = _read(run_dir, METRICS_FILE, read_rows)
+    run = _Run(path=run_dir, config=config, config_note=note, header=header or [],
+               rows=read_metrics(metrics), raw_rows=len(rows), events=_read(run_dir, EVENTS_FILE, read_events),
                status=read_status(run_dir), summary=summarize(run_dir))
     if config is not None:
         try:
@@ -122,6 +125,15 @@ def _load_run(run_dir: Path) -> _Run:
         found = [p for p in plots.glob("*.svg") if p.is_file() and not p.name.startswith(PLOT_PREFIX)]
         run.heatmaps = sorted(found, key=_heatmap_order)
     return run
+
+
+def _read(run_dir: Path, name: str, reader):
+    """reader(run_dir / name); bytes that are not the text we wrote end in one line naming the file."""
+    try:
+        return reader(run_dir / name)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"run directory {run_dir}: {name} is unreadable "
+                         f"({' '.join(str(exc).split())[:120]})") from None
 
 
 def _heatmap_order(path: Path) -> tuple:
@@ -728,7 +740,7 @@ def build_report(run_dir: Path, claims: list[Claim] | None = None,
             continue
         blocks.append(_Figure(path.name, safe, "", path.stem))
 
-    samples = read_events(run.path / SAMPLES_FILE)
+    samples = _read(run.path, SAMPLES_FILE, read_events)
     if samples:
         blocks.append(_Heading(2, "Samples"))
         shown = [samples[0], samples[-1]] if len(samples) > 1 else samples
@@ -788,5 +800,9 @@ def write_report(run_dir: Path, claims: list[Claim] | None = None, title: str | 
 def _write(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so a reader never sees half a report."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # no half report left behind under a hidden name
+        raise
