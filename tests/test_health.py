@@ -152,6 +152,30 @@ def test_stuck_at_the_baseline_like_seed_000():
     assert _feed(StuckAtBaseline(cfg, LN2, 400), _rows(learning)) == []
 
 
+def test_stuck_does_not_fire_on_a_loss_still_falling_from_the_baseline():
+    """Ten rows falling 2.01 -> 1.65 against ln 7 = 1.95 (a real smoke run's start): the window's
+    mean is within 5 % of the guess and a trend test at alpha 0.01 does not always call 10 noisy
+    rows, but the loss is falling: over 20 noise draws, no alert.  The same noise at the guess is
+    stuck in nearly every draw."""
+    cfg = HealthConfig(window=20, warmup_fraction=0.0)
+    falling_alerts = flat_alerts = 0
+    for seed in range(20):
+        falling = np.linspace(2.01, 1.65, 10) + _noise(10, 0.06, seed)
+        falling_alerts += len(_feed(StuckAtBaseline(cfg, math.log(7), 100), _rows(falling, start=1, every=1)))
+        flat = math.log(7) + _noise(10, 0.06, seed)
+        flat_alerts += len(_feed(StuckAtBaseline(cfg, math.log(7), 100), _rows(flat, start=1, every=1)))
+    assert falling_alerts == 0 and flat_alerts >= 18
+
+
+@pytest.mark.parametrize("window", [5, 6, 7])
+def test_a_short_window_still_judges(window: int):
+    """health.window >= 5 is allowed: the window detectors judge once the window is full, not never."""
+    cfg = HealthConfig(window=window, warmup_fraction=0.0)
+    detector = StuckAtBaseline(cfg, LN2, 1000)
+    alerts = _feed(detector, _rows(LN2 + _noise(12, 0.003)))
+    assert detector.checked == 12 - window + 1 and len(alerts) == 1
+
+
 def test_collapse_distinct_predictions_rank_and_bounds():
     cfg = HealthConfig(collapse_metric="distinct_preds", collapse_min=10, rank_metric="rank_me", rank_drop=0.5,
                        bounds={"residual": (0.01, 10.0)})

@@ -79,7 +79,8 @@ class LossWindowDetector(Detector):
     def __init__(self, cfg: HealthConfig, baseline: float, total_steps: int, size: int | None = None):
         super().__init__(cfg, baseline, total_steps)
         self.losses: deque[float] = deque(maxlen=size or cfg.window)
-        self.min_rows = max(8, self.losses.maxlen // 2)
+        # never more than the window holds: a 5-row window judges at 5 rows, not never
+        self.min_rows = min(self.losses.maxlen, max(8, self.losses.maxlen // 2))
 
     def window(self, step: int, row: dict) -> list[float] | None:
         loss = _num(row, "loss")
@@ -238,8 +239,7 @@ class Plateau(LossWindowDetector):
         if window is None:
             return []
         trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
-        k = max(3, len(window) // 5)
-        first, last = sum(window[:k]) / k, sum(window[-k:]) / k
+        first, last = _ends(window)
         improvement = (first - last) / abs(first) if first else 0.0
         flat = trend.trend != "decreasing" and improvement < self.cfg.plateau_min_improvement
         # a plateau ends with a significant decrease that also improves by the minimum
@@ -247,6 +247,12 @@ class Plateau(LossWindowDetector):
         return self.edge(step, flat, f"plateau: {len(window)} rows without significant improvement "
                                      f"({_fmt(100 * improvement)} %, Mann-Kendall p={_fmt(trend.p_value)})",
                          clear=moving, improvement=improvement, p_value=trend.p_value, first=first, last=last)
+
+
+def _ends(window: list[float]) -> tuple[float, float]:
+    """Means of the first and the last fifth of a window (at least 3 rows each)."""
+    k = max(3, len(window) // 5)
+    return sum(window[:k]) / k, sum(window[-k:]) / k
 
 
 STUCK_TOLERANCE = 0.05  # "at the baseline" means a mean within 5 % below it, or anything above
@@ -265,10 +271,14 @@ class StuckAtBaseline(LossWindowDetector):
             return []
         level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
         trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
+        first, last = _ends(window)
         # flat (a significant rise is the divergence detector's) and close to the guess, not merely
-        # a noisy window whose interval happens to reach the baseline
+        # a noisy window whose interval happens to reach the baseline; and not visibly falling: a
+        # short window of a loss on its way down (2.01 -> 1.65 against ln 7) may not make the trend
+        # test significant at alpha 0.01, but it is no "no better than the random guess"
         stuck = (not level.below and trend.trend == "no trend"
-                 and level.mean >= (1 - STUCK_TOLERANCE) * self.baseline)
+                 and level.mean >= (1 - STUCK_TOLERANCE) * self.baseline
+                 and first - last <= STUCK_TOLERANCE * abs(self.baseline))
         where = "at" if level.indistinguishable else "above"
         return self.edge(step, stuck,
                          f"no better than the random guess: loss {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, "
