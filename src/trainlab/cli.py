@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from trainlab.errors import EXIT_STOPPED, EXIT_USAGE, Interrupted, TrainingStopped, UsageError
+from trainlab.errors import EXIT_SIGINT, EXIT_STOPPED, EXIT_USAGE, Interrupted, TrainingStopped, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,6 +157,10 @@ def cmd_run(args) -> int:
               file=sys.stderr)
         _write_report(run_dir)
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C before the first one's checkpoint, or one outside the loop
+        print(f"trainlab: interrupted before a checkpoint could be saved; rerun the same command to resume "
+              f"from the last one ({run_dir})", file=sys.stderr)
+        return EXIT_SIGINT
     except UsageError:
         raise
     except Exception as exc:  # a training failure: the traceback goes to the run directory
@@ -233,7 +237,7 @@ def cmd_preflight(args) -> int:
     planned = args.planned_steps if args.planned_steps is not None else cfg.train.steps
     if planned < 1:
         raise UsageError(f"--planned-steps {planned}: must be >= 1")
-    if args.max_seconds <= 0:
+    if not args.max_seconds > 0:  # NaN too: it compares false with everything, so it would never end the run
         raise UsageError(f"--max-seconds {args.max_seconds}: must be > 0")
     device = resolve_device(args.device)
     run_dir = Path(args.run_dir) if args.run_dir else Path(f"{default_run_dir(cfg)}-preflight")
@@ -267,6 +271,8 @@ def cmd_report(args) -> int:
     from trainlab.sweep.spec import MANIFEST
 
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir}: not found")
     if (run_dir / MANIFEST).is_file():  # a sweep directory: the sweep report
         from trainlab.sweep.cli import print_sweep_report
 
@@ -278,7 +284,11 @@ def cmd_report(args) -> int:
         claims = claims_for(run_dir)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"run directory {run_dir}: a saved verdict file is malformed ({exc})") from None
-    md, html = write_report(run_dir, claims)
+    try:
+        md, html = write_report(run_dir, claims)
+    except OSError as exc:  # a read-only copy of a run, say: one line, not a traceback
+        raise UsageError(f"run directory {run_dir}: cannot write the report ({exc.strerror or exc}: "
+                         f"{exc.filename or run_dir})") from None
     print(f"trainlab: wrote {md} and {html}")
     return 0
 
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("trainlab: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 The seeds declared runs "VALIDATED" on a two-point loss comparison and "PROVEN" on a 3-step dry
 run.  Here each question is answered by a measurement with its method named:
+  0. the run: all its steps, the time budget cut it short, or a stop with the stop's own reason
+     (a health policy, the memory guard, a non-finite value);
   1. learning signal: Mann-Kendall trend (autocorrelation-corrected) on the logged loss, and a
      batch-means interval of the loss level against the task's random baseline;
   2. gradients: finite, global-norm stability, layers that never receive a gradient,
@@ -126,18 +128,24 @@ def preflight_config(cfg: RunConfig, steps: int) -> RunConfig:
 
 
 def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> tuple[Claim, str, dict]:
-    losses = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
-    skip = int(len(losses) * WARMUP_FRACTION)
-    series = losses[skip:]
+    """Is the loss falling, or at least below a random guess?  Outcome: learning, flat below
+    baseline, diverging, not learning, too noisy, or unknown (too few rows).  Non-finite losses are
+    left out here (the numerics claim reports them): the statistics need finite numbers, and a run
+    that blew up must still get its verdict, not a traceback."""
+    points = [(r["step"], float(r["loss"])) for r in rows
+              if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    skip = int(len(points) * WARMUP_FRACTION)
+    series = [loss for _, loss in points[skip:]]
     if len(series) < 10:
-        return (Claim("learning signal", "not measured", f"{len(series)} loss rows after warm-up",
+        return (Claim("learning signal", "not measured", f"{len(series)} finite loss rows after warm-up",
                       "needs at least 10 logged rows; run more steps", "metrics.csv"), "unknown", {})
     trend = stats.mann_kendall(series, alpha=alpha)
     half = series[len(series) // 2:]
     level = stats.mean_below(half, baseline, alpha=alpha)
     first_q = statistics.fmean(series[: max(1, len(series) // 4)])
     last_q = statistics.fmean(series[-max(1, len(series) // 4):])
-    where = f"metrics.csv rows {rows[skip]['step']}-{rows[-1]['step']} ({len(series)} rows)"
+    first_step, last_step = points[skip][0], points[-1][0]
+    where = f"metrics.csv rows {first_step}-{last_step} ({len(series)} rows)"
     evidence = (f"Mann-Kendall (Hamed-Rao corrected) p={_fmt(trend.p_value, 3)}, Sen slope "
                 f"{_fmt(trend.sen_slope, 3)}/row, CI [{_fmt(trend.slope_ci[0], 3)}, {_fmt(trend.slope_ci[1], 3)}]; "
                 f"late-half mean {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, {_fmt(level.ci[1])}] vs baseline "
@@ -156,7 +164,7 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> t
         return Claim("learning signal", "pass", f"flat below the baseline: loss {_fmt(level.mean)} < {_fmt(baseline)}",
                      evidence, where), "flat below baseline", details
     more = stats.steps_to_resolve(trend, len(series), alpha=alpha)
-    step_per_row = (rows[-1]["step"] - rows[skip]["step"]) / max(len(series) - 1, 1)
+    step_per_row = (last_step - first_step) / max(len(series) - 1, 1)
     details["steps_to_resolve"] = None if more is None else int(more * step_per_row)
     hint = f"; about {int(more * step_per_row)} more steps could show a slow trend" if more else ""
     if not level.below and (trend.sen_slope >= 0 or level.above):
@@ -187,22 +195,27 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
     wall = time.monotonic() - t0
     rows = read_metrics(run_dir / "metrics.csv")
     baseline = experiment.baseline_loss(cfg)
-    done_steps = rows[-1]["step"] if rows else 0
+    done_steps = trainer.step
+    claim, reason = _run_claim(stopped, done_steps, steps, max_seconds)
+    claims.append(claim)
+    if reason:
+        fails.append(reason)
 
     # ---- 1. learning signal -------------------------------------------------------------------
     claim, outcome, learn = _learning_claim(rows, baseline)
     claims.append(claim)
-    if outcome in ("diverging", "not learning"):
+    learn["outcome"] = outcome
+    if claim.verdict == "fail":  # diverging, not learning
         fails.append(claim.value)
-    elif outcome in ("too noisy", "unknown"):
+    elif claim.verdict in ("warn", "not measured"):  # too noisy, too few rows to tell
         warns.append(claim.value)
 
     # ---- 2. gradients --------------------------------------------------------------------------
     norms = [r["grad_norm"] for r in rows if isinstance(r.get("grad_norm"), (int, float))]
     finite = [g for g in norms if math.isfinite(g)]
-    if stopped or len(finite) != len(norms):
+    if len(finite) != len(norms):
         claims.append(Claim("gradients finite", "fail", f"{len(norms) - len(finite)} of {len(norms)} rows non-finite",
-                            stopped or "grad_norm column", "metrics.csv"))
+                            "grad_norm column", "metrics.csv"))
         fails.append("non-finite gradients")
     elif norms:
         claims.append(Claim("gradients finite", "pass", f"all {len(norms)} logged grad norms finite",
@@ -219,25 +232,15 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         if verdict == "warn":
             warns.append("unstable gradient norm")
     if probe.steps_seen:
-        dead = [n for n, k in probe.grad_seen.items() if k == 0]
-        claims.append(Claim("layers without gradient", "fail" if dead else "pass",
-                            f"{len(dead)} of {len(probe.grad_seen)}" + (f": {', '.join(dead[:6])}" if dead else ""),
-                            f"parameters whose gradient was None or all zero at all {probe.steps_seen} probed steps",
-                            "preflight probe"))
-        if dead:
-            fails.append(f"{len(dead)} parameters never receive a gradient")
-        medians = {n: statistics.median(v) for n, v in probe.ratios.items() if v}
-        outside = {n: r for n, r in medians.items() if not RATIO_BAND[0] <= r <= RATIO_BAND[1]}
-        if medians:
-            lo_name = min(medians, key=medians.get)
-            hi_name = max(medians, key=medians.get)
-            value = (f"median per layer from {_fmt(medians[lo_name], 2)} ({lo_name}) to {_fmt(medians[hi_name], 2)} "
-                     f"({hi_name}); {len(outside)} of {len(medians)} outside [{RATIO_BAND[0]:g}, {RATIO_BAND[1]:g}]")
-            claims.append(Claim("update/weight ratio", "warn" if outside else "pass", value,
-                                "||w_after - w_before|| / ||w_before|| per parameter, median over probed steps",
-                                "preflight probe"))
-            if outside:
-                warns.append(f"{len(outside)} layers with update/weight ratio outside the band")
+        claim, problem = _dead_layer_claim(probe.grad_seen, probe.steps_seen)
+        claims.append(claim)
+        if problem:
+            fails.append(problem)
+        claim, problem = _update_ratio_claim(probe.ratios)
+        if claim is not None:
+            claims.append(claim)
+        if problem:
+            warns.append(problem)
 
     # ---- 3. numerics ------------------------------------------------------------------------
     losses = [r.get("loss") for r in rows]
@@ -251,16 +254,9 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
 
     # ---- 4. memory ---------------------------------------------------------------------------
     peak_host = max((r.get("peak_ram_gb") or 0) for r in rows) if rows else 0.0
-    host_total = psutil.virtual_memory().total / 1024**3
-    limit = cfg.memory.host_ceiling_gb or host_total
-    fits = peak_host < 0.9 * limit
-    claims.append(Claim("host memory", "pass" if fits else "fail",
-                        f"peak {_fmt(peak_host, 3)} GB of {_fmt(limit, 3)} GB "
-                        f"({'ceiling' if cfg.memory.host_ceiling_gb else 'machine total'}), headroom "
-                        f"{_fmt(100 * (1 - peak_host / limit), 3)} %",
-                        f"RSS ({cfg.memory.host_measure}) polled every {cfg.memory.every} steps and at log steps, "
-                        f"at the planned micro-batch {cfg.train.micro_batch}", "metrics.csv peak_ram_gb"))
-    if not fits:
+    claim = _host_memory_claim(peak_host, cfg.memory, psutil.virtual_memory().total / 1024**3, cfg.train.micro_batch)
+    claims.append(claim)
+    if claim.verdict == "fail":
         fails.append("host memory does not fit")
     if device.type == "cuda":
         peak_dev = max((r.get("peak_dev_mem_gb") or 0) for r in rows) if rows else 0.0
@@ -327,6 +323,60 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
     return PreflightResult(verdict, claims, reasons, run_dir, details)
 
 
+def _run_claim(stopped: str | None, done_steps: int, steps: int, max_seconds: float) -> tuple[Claim, str | None]:
+    """How the preflight run ended, and the reason to refuse it when it did not end by itself.  A
+    stop names its own cause (a health policy, the memory guard, a non-finite value, running out of
+    device memory): its message's first clause, the part before the checkpoint path."""
+    if stopped:
+        headline = stopped.split("; ")[0]
+        return (Claim("run", "fail", f"stopped at step {done_steps} of {steps}: {headline}", stopped,
+                      "events.jsonl"), f"run stopped at step {done_steps}: {headline}")
+    if done_steps < steps:
+        # the measurements below say what they could measure in the steps that ran
+        return (Claim("run", "info", f"{done_steps} of {steps} steps: the time budget of {max_seconds:g} s ran out",
+                      "--max-seconds", "preflight"), None)
+    return Claim("run", "pass", f"all {steps} steps", "the trainer's step counter", "preflight"), None
+
+
+def _dead_layer_claim(grad_seen: dict[str, int], steps_seen: int) -> tuple[Claim, str | None]:
+    """Parameters whose gradient was None or all zero at every probed step: they never learn."""
+    dead = [n for n, k in grad_seen.items() if k == 0]
+    claim = Claim("layers without gradient", "fail" if dead else "pass",
+                  f"{len(dead)} of {len(grad_seen)}" + (f": {', '.join(dead[:6])}" if dead else ""),
+                  f"parameters whose gradient was None or all zero at all {steps_seen} probed steps",
+                  "preflight probe")
+    return claim, (f"{len(dead)} parameters never receive a gradient" if dead else None)
+
+
+def _update_ratio_claim(ratios: dict[str, list[float]]) -> tuple[Claim | None, str | None]:
+    """The median update-to-weight ratio of each parameter against RATIO_BAND; None without any
+    measured ratio (every probed weight was zero)."""
+    medians = {n: statistics.median(v) for n, v in ratios.items() if v}
+    if not medians:
+        return None, None
+    outside = {n: r for n, r in medians.items() if not RATIO_BAND[0] <= r <= RATIO_BAND[1]}
+    lo_name = min(medians, key=medians.get)
+    hi_name = max(medians, key=medians.get)
+    value = (f"median per layer from {_fmt(medians[lo_name], 2)} ({lo_name}) to {_fmt(medians[hi_name], 2)} "
+             f"({hi_name}); {len(outside)} of {len(medians)} outside [{RATIO_BAND[0]:g}, {RATIO_BAND[1]:g}]")
+    claim = Claim("update/weight ratio", "warn" if outside else "pass", value,
+                  "||w_after - w_before|| / ||w_before|| per parameter, median over probed steps", "preflight probe")
+    return claim, (f"{len(outside)} layers with update/weight ratio outside the band" if outside else None)
+
+
+def _host_memory_claim(peak_gb: float, memory, machine_total_gb: float, micro_batch: int) -> Claim:
+    """The measured host peak against the configured ceiling (or the machine's total without one):
+    it fits when it stays under 90 % of it, leaving room for what a longer run adds."""
+    limit = memory.host_ceiling_gb or machine_total_gb
+    fits = peak_gb < 0.9 * limit
+    return Claim("host memory", "pass" if fits else "fail",
+                 f"peak {_fmt(peak_gb, 3)} GB of {_fmt(limit, 3)} GB "
+                 f"({'ceiling' if memory.host_ceiling_gb else 'machine total'}), headroom "
+                 f"{_fmt(100 * (1 - peak_gb / limit), 3)} %",
+                 f"RSS ({memory.host_measure}) polled every {memory.every} steps and at log steps, "
+                 f"at the planned micro-batch {micro_batch}", "metrics.csv peak_ram_gb")
+
+
 def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, run_dir: Path,
                   probe: GradientProbe, fails: list[str]) -> Claim:
     """Reload the half-way checkpoint in a fresh trainer and compare the next two steps' losses."""
@@ -344,7 +394,13 @@ def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, 
     again.eval.at_end = False
     again.log.progress = "off"
     recorder = StepLossRecorder()
-    Trainer(again, experiment, check_dir, device, observers=[recorder], stop_at=mid + 2).fit()
+    stopped = ""
+    try:
+        Trainer(again, experiment, check_dir, device, observers=[recorder], stop_at=mid + 2).fit()
+    except TrainingStopped as exc:
+        # the reloaded run meets the same stop as the run when a policy fires at step mid + 2; the
+        # stop comes after that step's loss is recorded, so the comparison still stands
+        stopped = f"; the reloaded run was stopped: {str(exc).split('; ')[0]}"
     pairs = [(probe.step_losses[s], recorder.step_losses.get(s)) for s in (mid + 1, mid + 2)]
     exact = all(a == b for a, b in pairs)
     close = all(b is not None and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in pairs)
@@ -355,4 +411,4 @@ def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, 
     return Claim("resume", "pass" if close else "fail",
                  ("bitwise identical" if exact else "equal within 1e-5" if close else "differs") + f" ({shown})",
                  f"checkpoint of step {mid} reloaded in a fresh trainer; losses of the next two steps compared "
-                 "with the uninterrupted run", "preflight")
+                 f"with the uninterrupted run{stopped}", "preflight")
