@@ -188,7 +188,7 @@ def test_sweep_yaml_with_a_failing_point_reports_it_and_report_only_runs_nothing
         (sweep / f).unlink()
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file() and p.parent not in (sweep, sweep / "plots")}
     monkeypatch.chdir(tmp_path)
-    assert trainlab_main(["sweep", "sweep.yaml", "--report-only", "--sweep-dir", "sw"]) == 0
+    assert trainlab_main(["sweep", "--report-only", "--sweep-dir", "sw"]) == 0  # no target needed
     out = capsys.readouterr().out
     assert json.loads((sweep / "sweep_summary.json").read_text()) == summary
     assert f"left out, their last values are not final: {expected}" in out and "wrote" in out
@@ -198,6 +198,9 @@ def test_sweep_yaml_with_a_failing_point_reports_it_and_report_only_runs_nothing
         assert trainlab_main(["sweep", "bitnet_lm", *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert trainlab_main(["sweep", "--grid", "optim.lr=1,2"]) == 2  # a sweep to run needs its target
+    err = capsys.readouterr().err
+    assert "needs a TARGET" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_killed_sweep_reruns_without_redoing_finished_points(tmp_path: Path):

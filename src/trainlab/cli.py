@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
 
     sweep = sub.add_parser("sweep", help="a grid of runs, K at a time, each its own process; then the sweep report")
-    sweep.add_argument("target", help="experiment name, a run-config YAML, or a sweep YAML (one with grid:)")
+    sweep.add_argument("target", nargs="?", help="experiment name, a run-config YAML, or a sweep YAML (one with "
+                                                "grid:); not needed with --report-only")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="a config key and its values, e.g. --grid model.hidden=256,512 (repeatable: the "
                             "points are every combination)")

@@ -79,6 +79,9 @@ def run_sweep_command(args) -> int:
             raise UsageError("--report-only needs --sweep-dir (the sweep directory to report on)")
         print_sweep_report(Path(args.sweep_dir), at, args.diverse_above)
         return 0
+    if not args.target:
+        raise UsageError("trainlab sweep needs a TARGET (an experiment name, a run-config YAML or a sweep YAML); "
+                         "only --report-only --sweep-dir DIR goes without one")
     spec = build_spec(args)
     if spec.device != "auto" and spec.backend == "local":
         resolve_device(spec.device)  # refuse --device cuda on a machine without CUDA, before anything starts
