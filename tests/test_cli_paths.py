@@ -182,7 +182,8 @@ def test_a_second_sigint_stops_at_once_exits_130_and_keeps_the_last_checkpoint(j
     assert one_line(out.stderr) == ("trainlab: interrupted before a checkpoint could be saved; rerun the same "
                                     "command to resume from the last one (r)")
     assert complete_checkpoints(run) == [3]
-    assert status(run)["step"] == 4 and status(run)["state"] != "running"
+    st = status(run)
+    assert (st["state"], st["step"]) == ("stopped", 4) and st["reason"].startswith("SIGINT twice"), st
 
 
 # ------------------------------------------------------------------------------ check and report on a run

@@ -556,6 +556,11 @@ class Trainer:
         except Interrupted as exc:
             state, reason = "stopped", f"{exc.signal_name}; checkpoint saved at step {self.step}"
             raise
+        except KeyboardInterrupt:  # a second signal before the first one's checkpoint: the user insists
+            first = self._signal[0] if self._signal is not None else "SIGINT"
+            state, reason = "stopped", (f"{first} twice: stopped at step {self.step} without a checkpoint; "
+                                        "the last one saved stands")
+            raise
         except BaseException as exc:
             state, reason = "crashed", f"{type(exc).__name__}: {exc}"
             raise
