@@ -63,8 +63,10 @@ def _names_the_key(key: str, value: str, err: str) -> bool:
     (each run of whitespace one space): the key itself or an element of it (`config
     schedule.phases[0].steps: ...`), the first part of it that does not exist (`config optim.lrr:
     unknown key`), or, for a check across keys, the key with its value (`config model.heads: must
-    divide model.dim=443`) or its last part in its section's message (`config curriculum: values,
-    min_steps and gates must have equal lengths`).  A bare `config:` or another key alone is no answer."""
+    divide model.dim=443`), the key in full in another key's message (`config
+    schedule.two_stage_at: 0.5 cannot be combined with explicit schedule.phases`), or its last part
+    in its section's message (`config curriculum: values, min_steps and gates must have equal
+    lengths`).  A bare `config:` or another key alone is no answer."""
     line = re.sub(r"\s+", " ", err.strip())
     typed = f"{key}={value}".partition("=")[0]  # the CLI splits at the first '='
     if typed.startswith("-"):  # argparse takes `--set -x=1` for an option: it names --set
@@ -75,6 +77,8 @@ def _names_the_key(key: str, value: str, err: str) -> bool:
     if any(f"config {typed}{end}" in line for end in (":", ".", "[")) or \
             re.search(rf"(?<![\w.]){re.escape(typed)}=", line):
         return True
+    if "." in typed and re.search(rf"(?<![\w.]){re.escape(typed)}(?![\w.\[])", line):
+        return True  # a check across keys naming the typed key in full (`... explicit schedule.phases ...`)
     parts = typed.split(".")
     for i in range(1, len(parts)):
         known, missing = ".".join(parts[:i]), parts[i]
@@ -85,6 +89,16 @@ def _names_the_key(key: str, value: str, err: str) -> bool:
             return True
     section, name = ".".join(parts[:-1]), parts[-1]
     return bool(section) and f"config {section}: " in line and re.search(rf"\b{re.escape(name)}\b", line) is not None
+
+
+def test_a_refusal_across_keys_names_the_key_typed():
+    """Found by the fuzz test below: bitnet_lm's preset sets the two-stage schedule, so explicit
+    phases are refused -- the message must name schedule.phases, the key the user typed."""
+    code, out, err = _run(["config", "bitnet_lm", "--preset", "smoke",
+                           "--set", "schedule.phases=[{kind: linear, steps: 0}]"])
+    _assert_clean(code, out, err)
+    assert code == 2 and _names_the_key("schedule.phases", "[{kind: linear, steps: 0}]", err), err
+    assert not _names_the_key("schedule.phases", "x", "trainlab: error: config schedule.two_stage_at: too big")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -111,8 +111,9 @@ class ScheduleConfig:
     def check(self, prefix: str) -> None:
         """Cross-field rules, after every field passed its own."""
         if self.two_stage_at > 0 and self.phases:
-            raise ConfigError(f"{prefix}.two_stage_at", "cannot be combined with explicit phases; "
-                              "set one of them (two_stage_at: 0 turns it off)")
+            raise ConfigError(f"{prefix}.two_stage_at", f"{self.two_stage_at:g} cannot be combined with explicit "
+                              f"{prefix}.phases ({len(self.phases)} given); set one of them (two_stage_at: 0 "
+                              "turns it off)")
         for i, phase in enumerate(self.phases):
             if phase.steps == 0 and i != len(self.phases) - 1:
                 raise ConfigError(f"{prefix}.phases[{i}].steps",
