@@ -21,7 +21,7 @@ def test_first_block_holds_the_two_commands_and_ci_runs_the_second():
              if line.strip() and not line.lstrip().startswith("#")]
     assert first[0] == ("python3 scripts/bootstrap.py && .venv/bin/trainlab preflight modadd "
                         "&& .venv/bin/trainlab run modadd")
-    assert first[1] == "python3 scripts/bootstrap.py --test && .venv/bin/python -m pytest -q"
+    assert first[1] == "python3 scripts/bootstrap.py --test && .venv/bin/python -m pytest -q -n 2"
     ci = (ROOT / ".ci" / "run").read_text()
     setup, test = first[1].split(" && ")
     assert setup in ci and test in ci
