@@ -14,6 +14,12 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+def brief(exc: BaseException, limit: int = 120) -> str:
+    """An exception's message on one line (whitespace runs collapsed), at most `limit` characters:
+    what a one-line refusal quotes of the error beneath it."""
+    return " ".join(str(exc).split())[:limit]
+
+
 class UsageError(Exception):
     """Bad input a user can cause. The message is one line naming what is wrong and what is allowed."""
 

@@ -130,12 +130,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The true history: the last row written for each step, in step order."""
+def last_row_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The true history of rows as written (a resumed run rewrites steps): the last row written for
+    each step, in step order."""
     last: dict[int, dict] = {}
-    for row in read_rows(path):
+    for row in rows:
         last[row["step"]] = row
     return [last[s] for s in sorted(last)]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The true history of a metrics.csv (last_row_per_step of its rows)."""
+    return last_row_per_step(read_rows(path))
 
 
 class EventLog:

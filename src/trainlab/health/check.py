@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import yaml
 from trainlab import config as config_mod
 from trainlab.engine.checkpoint import write_atomic
 from trainlab.engine.logs import METRICS_FILE, read_metrics
-from trainlab.errors import UsageError
+from trainlab.errors import UsageError, brief
 from trainlab.experiment import get_experiment
 from trainlab.health.detectors import DETECTORS, policy_of, run_offline
-from trainlab.report.render import Claim
+from trainlab.report.render import Claim, read_run_file
 
 SEVERITY_VERDICT = {"critical": "fail", "warn": "warn", "info": "info"}
 
@@ -29,22 +28,14 @@ def load_run(run_dir: Path):
     try:
         data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"run directory {run_dir}: config.yaml is unreadable ({_why(exc)})") from None
+        raise UsageError(f"run directory {run_dir}: config.yaml is unreadable ({brief(exc)})") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"run directory {run_dir}: config.yaml is malformed ({_why(exc)})") from None
+        raise UsageError(f"run directory {run_dir}: config.yaml is malformed ({brief(exc)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
         raise UsageError(f"run directory {run_dir}: config.yaml has no 'experiment' key")
     experiment = get_experiment(data["experiment"])
     cfg = config_mod.build_saved(experiment, data)
-    try:
-        rows = read_metrics(run_dir / METRICS_FILE)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # bytes that are not a CSV we wrote
-        raise UsageError(f"run directory {run_dir}: {METRICS_FILE} is unreadable ({_why(exc)})") from None
-    return experiment, cfg, rows
-
-
-def _why(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:120]
+    return experiment, cfg, read_run_file(run_dir, METRICS_FILE, read_metrics)
 
 
 def _needs(cfg, name: str, columns: set[str]) -> str | None:

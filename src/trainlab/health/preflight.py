@@ -328,7 +328,7 @@ def _run_claim(stopped: str | None, done_steps: int, steps: int, max_seconds: fl
     stop names its own cause (a health policy, the memory guard, a non-finite value, running out of
     device memory): its message's first clause, the part before the checkpoint path."""
     if stopped:
-        headline = stopped.split("; ")[0]
+        headline = _headline(stopped)
         return (Claim("run", "fail", f"stopped at step {done_steps} of {steps}: {headline}", stopped,
                       "events.jsonl"), f"run stopped at step {done_steps}: {headline}")
     if done_steps < steps:
@@ -336,6 +336,11 @@ def _run_claim(stopped: str | None, done_steps: int, steps: int, max_seconds: fl
         return (Claim("run", "info", f"{done_steps} of {steps} steps: the time budget of {max_seconds:g} s ran out",
                       "--max-seconds", "preflight"), None)
     return Claim("run", "pass", f"all {steps} steps", "the trainer's step counter", "preflight"), None
+
+
+def _headline(stop_message: str) -> str:
+    """A stop message's first clause: its cause, without the checkpoint path that follows."""
+    return stop_message.split("; ")[0]
 
 
 def _dead_layer_claim(grad_seen: dict[str, int], steps_seen: int) -> tuple[Claim, str | None]:
@@ -400,7 +405,7 @@ def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, 
     except TrainingStopped as exc:
         # the reloaded run meets the same stop as the run when a policy fires at step mid + 2; the
         # stop comes after that step's loss is recorded, so the comparison still stands
-        stopped = f"; the reloaded run was stopped: {str(exc).split('; ')[0]}"
+        stopped = f"; the reloaded run was stopped: {_headline(str(exc))}"
     pairs = [(probe.step_losses[s], recorder.step_losses.get(s)) for s in (mid + 1, mid + 2)]
     exact = all(a == b for a, b in pairs)
     close = all(b is not None and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in pairs)

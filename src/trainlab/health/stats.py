@@ -19,9 +19,9 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 __all__ = [
-    "TrendTest", "BaselineTest", "FamilyFit", "CurveFit", "Projection", "ChangePoint",
+    "TrendTest", "BaselineTest", "FamilyFit", "CurveFit", "Projection", "ChangePoint", "Jump",
     "mann_kendall", "mean_below", "steps_to_resolve", "fit_curve", "project", "rank_me",
-    "change_point", "robust_z",
+    "change_point", "robust_z", "jump_z",
 ]
 
 
@@ -959,10 +959,17 @@ def robust_z(value: float, history: Sequence[float] | np.ndarray) -> float:
     if not math.isfinite(v):
         return float("nan")
     med = float(np.median(h))
-    scale = 1.4826 * float(np.median(np.abs(h - med)))
-    if scale == 0.0:
-        scale = float(np.std(h))
-    diff = v - med
+    return _standardise(v - med, _robust_sigma(h))
+
+
+def _robust_sigma(a: np.ndarray) -> float:
+    """1.4826 MAD of `a`, its standard deviation when over half of it is identical (MAD 0)."""
+    scale = 1.4826 * float(np.median(np.abs(a - np.median(a))))
+    return scale if scale != 0.0 else float(np.std(a))
+
+
+def _standardise(diff: float, scale: float) -> float:
+    """diff / scale; against a scale of 0 (a constant history) 0 for no departure, else +-inf."""
     if scale == 0.0:
         return 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
     return diff / scale
@@ -996,11 +1003,5 @@ def jump_z(value: float, history: Sequence[float] | np.ndarray, reference_rows: 
     reference = float(np.median(h[-reference_rows:]))
     if not math.isfinite(v):
         return Jump(float("nan"), reference, float("nan"))
-    d = np.diff(h)
-    scale = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
-    if scale == 0.0:
-        scale = float(np.std(d)) / math.sqrt(2.0)
-    diff = v - reference
-    if scale == 0.0:
-        return Jump(0.0 if diff == 0.0 else math.copysign(math.inf, diff), reference, 0.0)
-    return Jump(diff / scale, reference, scale)
+    scale = _robust_sigma(np.diff(h)) / math.sqrt(2.0)  # a difference of two rows has sqrt(2) x their noise
+    return Jump(_standardise(v - reference, scale), reference, scale)

@@ -26,10 +26,10 @@ from urllib.parse import quote
 
 import yaml
 
-from trainlab.engine.logs import (EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, read_events, read_header, read_metrics,
-                                  read_rows)
+from trainlab.engine.logs import (EVENTS_FILE, METRICS_FILE, SAMPLES_FILE, last_row_per_step, read_events,
+                                  read_header, read_rows)
 from trainlab.engine.rundir import CONFIG_FILE, STATUS_FILE, read_status, summarize
-from trainlab.errors import UsageError
+from trainlab.errors import UsageError, brief
 from trainlab.report.svgplot import line_chart
 
 VERDICTS = ("pass", "warn", "fail", "info", "not measured")
@@ -105,11 +105,11 @@ def _load_run(run_dir: Path) -> _Run:
         note = "config.yaml not found"
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         note = f"config.yaml unreadable: {' '.join(str(exc).split())[:160]}"
-    metrics = run_dir / METRICS_FILE
-    header = _read(run_dir, METRICS_FILE, read_header)
-    rows = _read(run_dir, METRICS_FILE, read_rows)
+    header = read_run_file(run_dir, METRICS_FILE, read_header)
+    written = read_run_file(run_dir, METRICS_FILE, read_rows)  # read once: the history is derived from it
     run = _Run(path=run_dir, config=config, config_note=note, header=header or [],
-               rows=read_metrics(metrics), raw_rows=len(rows), events=_read(run_dir, EVENTS_FILE, read_events),
+               rows=last_row_per_step(written), raw_rows=len(written),
+               events=read_run_file(run_dir, EVENTS_FILE, read_events),
                status=read_status(run_dir), summary=summarize(run_dir))
     if config is not None:
         try:
@@ -127,13 +127,12 @@ def _load_run(run_dir: Path) -> _Run:
     return run
 
 
-def _read(run_dir: Path, name: str, reader):
+def read_run_file(run_dir: Path, name: str, reader):
     """reader(run_dir / name); bytes that are not the text we wrote end in one line naming the file."""
     try:
         return reader(run_dir / name)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UsageError(f"run directory {run_dir}: {name} is unreadable "
-                         f"({' '.join(str(exc).split())[:120]})") from None
+        raise UsageError(f"run directory {run_dir}: {name} is unreadable ({brief(exc)})") from None
 
 
 def _heatmap_order(path: Path) -> tuple:
@@ -740,7 +739,7 @@ def build_report(run_dir: Path, claims: list[Claim] | None = None,
             continue
         blocks.append(_Figure(path.name, safe, "", path.stem))
 
-    samples = _read(run.path, SAMPLES_FILE, read_events)
+    samples = read_run_file(run.path, SAMPLES_FILE, read_events)
     if samples:
         blocks.append(_Heading(2, "Samples"))
         shown = [samples[0], samples[-1]] if len(samples) > 1 else samples
