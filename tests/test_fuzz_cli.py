@@ -69,8 +69,8 @@ def _names_the_key(key: str, value: str, err: str) -> bool:
     lengths`).  A bare `config:` or another key alone is no answer."""
     line = re.sub(r"\s+", " ", err.strip())
     typed = f"{key}={value}".partition("=")[0]  # the CLI splits at the first '='
-    if typed.startswith("-"):  # argparse takes `--set -x=1` for an option: it names --set
-        return "argument --set: expected one argument" in line
+    if typed.startswith("-") and "argument --set: expected one argument" in line:
+        return True  # argparse took `--set -x=1` for an option: it names --set (`-=1` it passes on)
     typed = re.sub(r"\s+", " ", typed.strip())
     if not typed:
         return "--set" in line and "expected key=value" in line
@@ -99,6 +99,15 @@ def test_a_refusal_across_keys_names_the_key_typed():
     _assert_clean(code, out, err)
     assert code == 2 and _names_the_key("schedule.phases", "[{kind: linear, steps: 0}]", err), err
     assert not _names_the_key("schedule.phases", "x", "trainlab: error: config schedule.two_stage_at: too big")
+
+
+def test_a_key_that_looks_like_an_option_is_named():
+    """Found by the fuzz test below: argparse passes on `--set '-=a b'` (a space makes it a value,
+    not an option), and the refusal names the key `-`; `--set -x=1` it refuses itself, naming --set."""
+    for arg, needle in (("-=a b", "config -: unknown key"), ("-x=1", "argument --set: expected one argument")):
+        code, out, err = _run(["config", "modadd", "--preset", "smoke", "--set", arg])
+        _assert_clean(code, out, err)
+        assert code == 2 and needle in err and _names_the_key(*arg.split("=", 1), err), err
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
