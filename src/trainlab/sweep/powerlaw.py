@@ -1,25 +1,28 @@
 """Fit L(N) = E + A * N^-alpha to final losses against parameter counts, with an interval on alpha.
 
 Method: for a fixed alpha the model is linear in (E, A), so (E, A) come from least squares and only
-alpha is searched (a dense log grid, then golden-section refinement of the best bracket) -- the
-variable-projection approach, robust where a joint nonlinear solver wanders off with 3 to 6 points.
+alpha is searched -- the variable-projection approach, robust where a joint nonlinear solver wanders
+off with 3 to 6 points.  A dense log grid of alpha finds the basin (the profile can have more than
+one with a few points) and the set of alphas inside the interval; scipy.optimize.minimize_scalar
+(bounded Brent) refines the best grid bracket and scipy.optimize.brentq the interval's ends.
 Constraints: A > 0 (loss falls with size) and E >= `floor` (0 for cross-entropy); a fit that needs
 A <= 0 is reported as "loss does not fall with size", not forced.
 
 Interval: the profile-likelihood interval of alpha at level 1 - `alpha_level` -- the alphas whose
 best residual sum of squares stays below RSS_min * (1 + t^2 / dof), t the Student quantile with
-dof = n - 3.  With 3 points no degree of freedom is left (the curve passes through them unless E
-sits at its bound): no interval exists and the fit says so instead of inventing one.  The interval of E is the range of E over that alpha interval.
+dof = n - 3; each end is the root of RSS(alpha) = that limit between the last grid alpha inside and
+the first outside.  With 3 points no degree of freedom is left (the curve passes through them
+unless E sits at its bound): no interval exists and the fit says so instead of inventing one.  The
+interval of E is the range of E over that alpha interval.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from trainlab.health.stats import _t_ppf
+from trainlab.health.stats import t_quantile
 
 ALPHA_GRID = np.geomspace(1e-3, 4.0, 800)
 
@@ -77,6 +80,8 @@ def fit_power_law(params: list[float], losses: list[float], floor: float = 0.0,
                                                       f"{len(set(x.tolist()))}", **empty)
     if not np.all(np.isfinite(y)):
         return PowerLawFit(n, dof=n - 3, note="not fitted: a final loss is not finite", **empty)
+    from scipy.optimize import brentq, minimize_scalar
+
     x = x / x.min()  # scaled sizes keep N^-alpha in range; A is rescaled back below
     scale = float(np.asarray(params, dtype=float).min())
     solutions = [(a, *_solve(x, y, a, floor)) for a in ALPHA_GRID]
@@ -84,19 +89,13 @@ def fit_power_law(params: list[float], losses: list[float], floor: float = 0.0,
     if not valid:
         return PowerLawFit(n, dof=n - 3, note="no fit with A > 0: the final loss does not fall with size", **empty)
     best = min(valid, key=lambda s: s[3])
-    # golden-section refinement around the best grid alpha
     i = int(np.searchsorted(ALPHA_GRID, best[0]))
     lo, hi = ALPHA_GRID[max(i - 1, 0)], ALPHA_GRID[min(i + 1, len(ALPHA_GRID) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a1, a2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if _solve(x, y, a1, floor)[2] < _solve(x, y, a2, floor)[2]:
-            hi = a2
-        else:
-            lo = a1
-    alpha = (lo + hi) / 2
+    found = minimize_scalar(lambda a: _solve(x, y, a, floor)[2], bounds=(lo, hi), method="bounded",
+                            options={"xatol": 1e-10 * hi})
+    alpha = float(found.x)
     E, A, rss = _solve(x, y, alpha, floor)
-    if not (A > 0 and rss <= best[3]):
+    if not (found.success and A > 0 and rss <= best[3]):  # the grid's best stands when Brent did not better it
         alpha, E, A, rss = best
     dof = n - 3
     interval = e_interval = None
@@ -105,11 +104,21 @@ def fit_power_law(params: list[float], losses: list[float], floor: float = 0.0,
         note = ("3 sizes for 3 parameters: no degree of freedom is left for an interval (add sizes for one)"
                 + ("" if E > floor else f"; E sits at its bound {floor:g}, so the fit is not exact"))
     else:
-        t = _t_ppf(1 - alpha_level / 2, dof)
+        t = t_quantile(1 - alpha_level / 2, dof)
         limit = rss * (1 + t * t / dof) + 1e-15 * max(float(np.dot(y, y)), 1.0)
         inside = [s for s in valid if s[3] <= limit] + [(alpha, E, A, rss)]
-        alphas = [s[0] for s in inside]
-        interval = (min(alphas), max(alphas))
+        excess = lambda a: _solve(x, y, a, floor)[2] - limit
+        low, high = min(s[0] for s in inside), max(s[0] for s in inside)
+        next_out = (int(np.searchsorted(ALPHA_GRID, low)) - 1, int(np.searchsorted(ALPHA_GRID, high, side="right")))
+        ends = []
+        for end, j in zip((low, high), next_out):
+            # the end lies between the outermost alpha inside and the next grid alpha out, where the
+            # profile RSS crosses the limit; on the grid's edge, or next to an alpha with A <= 0, it stays
+            if 0 <= j < len(ALPHA_GRID) and solutions[j][2] > 0 and solutions[j][3] > limit:
+                end = brentq(excess, *sorted((end, float(ALPHA_GRID[j]))), xtol=1e-12)
+                inside.append((end, *_solve(x, y, end, floor)))
+            ends.append(float(end))
+        interval = (ends[0], ends[1])
         e_interval = (min(s[1] for s in inside), max(s[1] for s in inside))
         if interval[0] <= ALPHA_GRID[0] or interval[1] >= ALPHA_GRID[-1]:
             note = (f"the interval reaches the searched range [{ALPHA_GRID[0]:g}, {ALPHA_GRID[-1]:g}] of alpha: "
