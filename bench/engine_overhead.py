@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 
 import _common as C
+from trainlab import Callback
 from trainlab.config import resolve
 from trainlab.engine import schedules
 from trainlab.engine.state import seed_everything
 from trainlab.engine.trainer import Trainer, autocast_context, resolve_precision
 from trainlab.experiment import StepContext, get_experiment
+from trainlab.launch import run_watchers
 from trainlab.optim import build_optimizer, width_lr_factor
 
 # (preset, overrides) per device.  CUDA: the issue's full sizes; CPU: small enough for 2 cores.
@@ -65,7 +67,7 @@ def make_config(name: str, device: torch.device, steps: int, extra: list | None 
     return exp, cfg
 
 
-class Clock:
+class Clock(Callback):
     """Timestamps at the end of optimizer steps `warmup` and `steps` (synchronised on CUDA), and
     the per-step loss tensors (kept as references: no sync)."""
 
@@ -82,7 +84,7 @@ class Clock:
             C.sync(self.device)
             self.t[step] = time.perf_counter()
 
-    def after_update(self, trainer) -> None:  # the Trainer's observer hook
+    def on_after_update(self, trainer) -> None:  # a Trainer callback event
         self.tick(trainer.step + 1, trainer.last_step_loss)
 
     def step_time(self) -> float:
@@ -135,9 +137,11 @@ def hand_loop(exp, cfg, device: torch.device, clock: Clock) -> None:
             close()
 
 
-def trainer_loop(exp, cfg, device: torch.device, clock: Clock, observers: list | None = None) -> None:
+def trainer_loop(exp, cfg, device: torch.device, clock: Clock, callbacks: list | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as run_dir:
-        Trainer(cfg, exp, Path(run_dir) / "run", device, observers=[clock] + list(observers or [])).fit()
+        run = Path(run_dir) / "run"
+        # the watchers every trainlab run has (health detectors, heatmaps) are part of its overhead
+        Trainer(cfg, exp, run, device, callbacks=[clock, *run_watchers(cfg, exp, run), *(callbacks or [])]).fit()
 
 
 def lightning_loop(exp, cfg, device: torch.device, clock: Clock) -> None:
@@ -216,9 +220,9 @@ def measure(name: str, device: torch.device, rounds: int, steps: int, warmup: in
 
 
 # ---------------------------------------------------------------------------------------- host syncs
-class SyncCounter:
+class SyncCounter(Callback):
     """Files each synchronisation warning under the optimizer step it happened in: 'train' (the
-    step's own work, up to after_update) or 'log' (the log row and what follows it)."""
+    step's own work, up to on_after_update) or 'log' (the log row and what follows it)."""
 
     def __init__(self, record: list):
         self.record = record
@@ -233,10 +237,10 @@ class SyncCounter:
         for w in new:
             self.where[f"{Path(w.filename).name}:{w.lineno} ({part})"] += 1
 
-    def after_update(self, trainer) -> None:
+    def on_after_update(self, trainer) -> None:
         self._take(trainer.step + 1, "train")
 
-    def on_row(self, trainer, row) -> None:
+    def on_log_row(self, trainer, row) -> None:  # after the watchers': their syncs count as the log's
         self._take(trainer.step, "log")
 
 
@@ -249,7 +253,8 @@ def count_syncs(name: str, device: torch.device, steps: int, warmup: int) -> tup
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with tempfile.TemporaryDirectory(prefix="bench-syncs-") as run_dir:
-                Trainer(cfg, exp, Path(run_dir) / "run", device, observers=[counter]).fit()
+                run = Path(run_dir) / "run"
+                Trainer(cfg, exp, run, device, callbacks=[*run_watchers(cfg, exp, run), counter]).fit()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     log_every = cfg.log.every

@@ -97,7 +97,7 @@ def test_cli_curriculum_promotes_and_resumes_under_both_policies(tmp_path: Path)
     resume = [e for e in read_events(tmp_path / "keep" / "events.jsonl") if e["kind"] == "resume"][0]
     assert resume["curriculum_phase"] == 1
 
-    # on_resume=start (seed 002): back to phase 0 at the resume, promoted again after 10 steps
+    # on_resume=start (the SHA-256 curriculum): back to phase 0 at the resume, promoted again after 10 steps
     start = [*base, "--set", "curriculum.on_resume=start"]
     trainlab(*start, "--steps", "15", "--run-dir", "restart", cwd=tmp_path, check=True)
     trainlab(*start, "--steps", "30", "--run-dir", "restart", cwd=tmp_path, check=True)

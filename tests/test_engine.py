@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import final_weights, history, trainlab
 from lion_reference import flipped_share, lion_direction, lion_step, momentum_flipping_grads
+from trainlab import Callback
 from trainlab.config import resolve
 from trainlab.engine.logs import MetricsLog, read_events, read_metrics, read_rows
 from trainlab.engine.trainer import Trainer
@@ -21,8 +22,8 @@ from trainlab.optim.lion import Lion
 SMOKE = ["run", "modadd", "--preset", "smoke"]
 
 
-class _Recorder:
-    """An observer (the trainer calls it around each update) that keeps, per step, the gradients the
+class _Recorder(Callback):
+    """A callback (the trainer calls it around each update) that keeps, per step, the gradients the
     optimizer is about to apply and whether the step changed the weights."""
 
     def __init__(self):
@@ -30,12 +31,12 @@ class _Recorder:
         self.weights_before: list[dict[str, torch.Tensor]] = []
         self.applied: list[bool] = []
 
-    def before_update(self, trainer) -> None:
+    def on_before_update(self, trainer) -> None:
         named = list(trainer.model.named_parameters())
         self.grads.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
         self.weights_before.append({n: p.detach().clone() for n, p in named})
 
-    def after_update(self, trainer) -> None:
+    def on_after_update(self, trainer) -> None:
         before = self.weights_before[-1]
         self.applied.append(any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()))
 
@@ -60,7 +61,7 @@ def test_accumulation_applies_the_mean_gradient_of_distinct_micro_batches(tmp_pa
     cfg = _modadd_cfg(("train.steps", "2"), ("train.accum", str(accum)), ("train.micro_batch", "16"),
                       ("train.clip", "0"), ("train.precision", "fp32"), ("log.every", "1"))
     recorder = _Recorder()
-    trainer = Trainer(cfg, ModAdd(), tmp_path / "r", torch.device("cpu"), observers=[recorder])
+    trainer = Trainer(cfg, ModAdd(), tmp_path / "r", torch.device("cpu"), callbacks=[recorder])
     trainer.fit()
     assert len(recorder.grads) == 2
     for step in range(2):
@@ -158,7 +159,7 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path: Path):
                       ("schedule.warmup", "0"))  # no warm-up: lr > 0 from step 1
     assert cfg.train.nonfinite == "stop"
     recorder = _Recorder()
-    Trainer(cfg, _OverflowsAt(overflow), tmp_path / "r", torch.device("cpu"), observers=[recorder]).fit()
+    Trainer(cfg, _OverflowsAt(overflow), tmp_path / "r", torch.device("cpu"), callbacks=[recorder]).fit()
     assert recorder.applied == [s not in overflow for s in range(8)]
     rows = read_metrics(tmp_path / "r" / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -179,7 +180,7 @@ def test_fp16_grad_norm_of_an_interval_is_the_mean_over_the_applied_steps(tmp_pa
     cfg = _modadd_cfg(("train.steps", "8"), ("train.precision", "fp16"), ("log.every", "2"),
                       ("train.clip", "0"), ("schedule.warmup", "0"))
     recorder = _Recorder()
-    Trainer(cfg, _OverflowsAt(overflow), tmp_path / "r", torch.device("cpu"), observers=[recorder]).fit()
+    Trainer(cfg, _OverflowsAt(overflow), tmp_path / "r", torch.device("cpu"), callbacks=[recorder]).fit()
     norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
              for grads in recorder.grads]
     rows = read_metrics(tmp_path / "r" / "metrics.csv")

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from conftest import VOLATILE, trainlab
+from trainlab import Callback
 from trainlab.config import resolve
 from trainlab.engine.logs import read_events, read_rows
 from trainlab.engine.trainer import Trainer, split_batch
 from trainlab.errors import TrainingStopped
 from trainlab.experiments.modadd import ModAdd
+from trainlab.launch import run_watchers
 
 # a learning rate that explodes after step 20: the weights blow up and the loss goes non-finite
 BLOW_UP = 1e33
@@ -101,7 +103,8 @@ def test_health_rollback_reloads_the_checkpoint_and_retries_with_the_scaled_lr(t
     cfg.log.progress = "off"
     factor = cfg.health.rollback_lr_factor
     with pytest.raises(TrainingStopped, match=r"stopped after 2 rollbacks \(health.rollback_max=2\)"):
-        Trainer(cfg, _LateAlarm(), tmp_path / "r", torch.device("cpu")).fit()
+        Trainer(cfg, _LateAlarm(), tmp_path / "r", torch.device("cpu"),
+                callbacks=run_watchers(cfg, _LateAlarm(), tmp_path / "r")).fit()
     events = read_events(tmp_path / "r" / "events.jsonl")
     rollbacks = [e for e in events if e["kind"] == "rollback"]
     assert [(e["step"], e["from_step"], Path(e["checkpoint"]).name) for e in rollbacks] == \
@@ -120,21 +123,22 @@ def test_health_rollback_reloads_the_checkpoint_and_retries_with_the_scaled_lr(t
         ref_cfg = copy.deepcopy(cfg)
         ref_cfg.optim.lr = cfg.optim.lr * scale
         ref_cfg.health.collapse = "warn"
-        Trainer(ref_cfg, _LateAlarm(), ref_dir, torch.device("cpu"), stop_at=20).fit()
+        Trainer(ref_cfg, _LateAlarm(), ref_dir, torch.device("cpu"), callbacks=run_watchers(ref_cfg, _LateAlarm(), ref_dir),
+                stop_at=20).fit()
         resumed = read_rows(ref_dir / "metrics.csv")
         assert [r["step"] for r in resumed] == [20]
         assert _measured(retry) == _measured(resumed[0]), scale
     assert _measured(tries[1]) != _measured(tries[0])  # the comparison can tell the tries apart
 
 
-class _RollbackOnce:
-    """An observer that raises one alert at row `at` whose onset lies before it, as the divergence
+class _RollbackOnce(Callback):
+    """A callback that raises one alert at row `at` whose onset lies before it, as the divergence
     detector's does (its onset is the best step): the checkpoints in between are of the discarded run."""
 
     def __init__(self, at: int, onset: int):
         self.at, self.onset, self.done = at, onset, False
 
-    def on_row(self, trainer, row):
+    def on_log_row(self, trainer, row):
         if row["step"] == self.at and not self.done:
             self.done = True
             trainer.request_rollback({"detector": "divergence", "step": self.at, "message": "test alert",
@@ -147,7 +151,7 @@ def test_rollback_sets_aside_the_checkpoints_of_the_discarded_run(tmp_path: Path
     a kill would continue the discarded run at the full LR."""
     cfg = resolve(ModAdd(), "smoke", None, [("train.steps", "20"), ("ckpt.every", "5"), ("ckpt.keep", "8")])
     cfg.log.progress = "off"
-    Trainer(cfg, ModAdd(), tmp_path / "r", torch.device("cpu"), observers=[_RollbackOnce(20, 12)]).fit()
+    Trainer(cfg, ModAdd(), tmp_path / "r", torch.device("cpu"), callbacks=[_RollbackOnce(20, 12)]).fit()
     ckpts = tmp_path / "r" / "checkpoints"
     [rollback] = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e["kind"] == "rollback"]
     assert Path(rollback["checkpoint"]).name == "step_00000010"

@@ -143,7 +143,7 @@ def test_plateau_on_a_flat_curve_only():
     assert _feed(Plateau(cfg, LN2, 1000), _rows(falling)) == []
 
 
-def test_stuck_at_the_baseline_like_seed_000():
+def test_stuck_at_the_baseline_like_the_stegastamp_report():
     cfg = HealthConfig(window=20, warmup_fraction=0.1)
     stuck = LN2 + _noise(40, 0.003)  # "loss stuck at 0.6931"
     alerts = _feed(StuckAtBaseline(cfg, LN2, 400), _rows(stuck))
@@ -391,7 +391,7 @@ def test_recorded_sha256_multi_at_64_rounds_is_stuck_at_ln2(tmp_path: Path):
 
 
 class _EventSink:
-    """What HealthMonitor.on_row needs of a trainer: an events log and the two requests."""
+    """What HealthMonitor.on_log_row needs of a trainer: an events log and the two requests."""
 
     def __init__(self):
         self.written: list[dict] = []
@@ -400,7 +400,7 @@ class _EventSink:
     def write(self, event: dict) -> None:
         self.written.append(event)
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, checkpoint: bool = True) -> None:
         pass
 
     def request_rollback(self, alert: dict) -> None:
@@ -420,14 +420,14 @@ def test_monitor_replay_makes_a_resumed_run_alert_as_the_uninterrupted_one(name:
     whole = HealthMonitor(cfg, baseline)
     sink = _EventSink()
     for row in rows:
-        whole.on_row(sink, row)
+        whole.on_log_row(sink, row)
     uninterrupted = sink.written
     assert uninterrupted, "the recorded run must raise alerts for the replay to reproduce"
     for cut in range(1, len(rows)):
         resumed = HealthMonitor(cfg, baseline)
-        resumed.replay(rows[:cut])
+        resumed.on_resume(sink, rows[:cut], "resume")
         sink = _EventSink()
         for row in rows[cut:]:
-            resumed.on_row(sink, row)
+            resumed.on_log_row(sink, row)
         after = [a for a in uninterrupted if a["step"] > rows[cut - 1]["step"]]
         assert sink.written == after, f"resumed after step {rows[cut - 1]['step']}"

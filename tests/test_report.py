@@ -1,4 +1,5 @@
-"""Run reports: report.md, a self-contained report.html and SVG plots, from real runs of the CLI."""
+"""Run reports: report.md, a self-contained report.html and matplotlib's figures (SVG inlined, PNG
+beside it), from real runs of the CLI."""
 
 from __future__ import annotations
 
@@ -14,14 +15,23 @@ import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.collections import QuadMesh
+from matplotlib.figure import Figure as MatplotlibFigure
 
 from conftest import trainlab
 from trainlab.engine.logs import read_events, read_metrics
+from trainlab.engine.rundir import read_run_config
 from trainlab.errors import UsageError
-from trainlab.report.render import Claim, build_report, write_report
-from trainlab.report.svgplot import line_chart, nice_ticks
+from trainlab.formatting import format_duration, format_number
+from trainlab.health.claims import Claim
+from trainlab.report.figures import line_chart
+from trainlab.report.heatmap import draw_heatmap
+from trainlab.report.html import inline_svg
+from trainlab.report.render import build_report, report_figures, write_report
 
+SVG = "{http://www.w3.org/2000/svg}"
 SVG_NS = {"s": "http://www.w3.org/2000/svg"}
 
 
@@ -47,35 +57,93 @@ def _svg(text: str) -> ET.Element:
     return ET.fromstring(text)  # raises on malformed XML
 
 
-def _groups(svg: ET.Element, cls: str) -> list[ET.Element]:
-    return [g for g in svg.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == cls]
-
-
 def _title(el: ET.Element) -> str:
     t = el.find("s:title", SVG_NS)
     return t.text or "" if t is not None else ""
 
 
 def _texts(el: ET.Element) -> list[str]:
-    return [t.text or "" for t in el.iter("{http://www.w3.org/2000/svg}text")]
+    return [t.text or "" for t in el.iter(f"{SVG}text")]
+
+
+def _tooltips(svg: ET.Element) -> list[str]:
+    """The <title> of every group of a figure: the tooltips a browser shows."""
+    return [_title(g) for g in svg.iter(f"{SVG}g") if g.find("s:title", SVG_NS) is not None]
+
+
+def _figures(run: Path) -> dict[str, MatplotlibFigure]:
+    return dict(report_figures(run))
+
+
+def _gid(fig: MatplotlibFigure, prefix: str) -> list:
+    """The artists of the figure's plot whose gid is `prefix`-K (K = 0, 1, ...), in order."""
+    ax = fig.axes[0]
+    found = [a for a in ax.get_children() if re.fullmatch(rf"{prefix}-\d+", a.get_gid() or "")]
+    return sorted(found, key=lambda a: int(a.get_gid().rsplit("-", 1)[1]))
+
+
+def _label_of(fig: MatplotlibFigure, artist) -> str:
+    """The text drawn for a band or an event marker ('' when it did not fit and is left to the tooltip)."""
+    text = next(t for t in fig.axes[0].texts if t.get_gid() == f"{artist.get_gid()}-label")
+    return text.get_text() if text.get_visible() else ""
+
+
+def _legend(fig: MatplotlibFigure) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def _x_extent(patch) -> tuple[float, float]:
+    """The data x range a shaded band covers."""
+    box = patch.get_window_extent()
+    inverse = patch.axes.transData.inverted()
+    return inverse.transform((box.x0, 0))[0], inverse.transform((box.x1, 0))[0]
+
+
+def _file_geometry(svg_path: Path) -> tuple[dict[str, float], list[tuple[float, float]]]:
+    """From an SVG file as matplotlib wrote it: {gid: y of the first vertex of its path} and the y
+    ticks as (value, pixel y), read from the tick marks and their labels."""
+    root = ET.fromstring(svg_path.read_text(encoding="utf-8"))
+    first_y = {}
+    for g in root.iter(f"{SVG}g"):
+        path = g.find(f"{SVG}path")
+        if g.get("id") and path is not None:
+            first_y[g.get("id")] = float(path.get("d").split()[2])
+    ticks = []
+    for g in root.iter(f"{SVG}g"):
+        if re.fullmatch(r"ytick_\d+", g.get("id") or ""):
+            use = next(g.iter(f"{SVG}use"))
+            label = "".join(_texts(g)).replace("\u2212", "-")
+            ticks.append((float(label), float(use.get("y"))))
+    return first_y, ticks
+
+
+def _drawn_shapes(root: ET.Element) -> int:
+    """Paths an SVG document draws: those outside <defs> and <clipPath>, and one per <use> (a copy of a
+    marker: the tick marks, the dots of a series)."""
+    hidden = {id(p) for d in root.iter() if d.tag in (f"{SVG}defs", f"{SVG}clipPath") for p in d.iter(f"{SVG}path")}
+    return sum(id(p) not in hidden for p in root.iter(f"{SVG}path")) + len(list(root.iter(f"{SVG}use")))
 
 
 # ------------------------------------------------------------------------------ files
 
 def test_write_report_creates_report_and_plot_files(runs, tmp_path):
     run = _copy(runs["sha"], tmp_path)
-    heatmaps = {p.name: p.read_bytes() for p in (run / "plots").glob("*.svg")}
-    assert heatmaps, "the sha256 smoke run should have drawn heatmaps"
+    drawn = {p.name: p.read_bytes() for p in (run / "plots").glob("*.svg")}  # by the run: heatmaps, its report
+    assert any(n.startswith("bit_acc_map-") for n in drawn), "the sha256 smoke run should have drawn heatmaps"
     md_path, html_path = write_report(run)
     assert md_path == run / "report.md" and html_path == run / "report.html"
     md = md_path.read_text(encoding="utf-8")
     html = html_path.read_text(encoding="utf-8")
     referenced = re.findall(r"!\[[^\]]*\]\(plots/([^)]+\.svg)\)", md)
     assert "report-loss.svg" in referenced and "report-accuracy.svg" in referenced
-    for name in referenced:  # every plot the Markdown shows exists and is a well-formed SVG
-        _svg((run / "plots" / name).read_text(encoding="utf-8"))
-    for name, data in heatmaps.items():  # the trainer's heatmaps are kept, unchanged, and shown
-        assert (run / "plots" / name).read_bytes() == data
+    for name in referenced:  # every plot the Markdown shows exists, as an SVG and as a PNG to paste
+        text = (run / "plots" / name).read_text(encoding="utf-8")
+        assert len(list(_svg(inline_svg(text)).iter(f"{SVG}path"))) == _drawn_shapes(_svg(text))  # all inlined
+        png = run / "plots" / name.replace(".svg", ".png")
+        width, height, _, _ = _decode_png(png.read_bytes())
+        assert width > 300 and height > 150 and f"plots/{png.name}" in md
+    for name, data in drawn.items():  # the trainer's heatmaps are kept, unchanged, and shown; the report's
+        assert (run / "plots" / name).read_bytes() == data  # own are drawn again byte for byte
         assert f"plots/{name}" in md and f"plots/{name}" in html
     assert "sha256" in md and "smoke" in md and "finished" in md and "30 / 30" in md
     assert "cpu, precision fp32" in md
@@ -85,7 +153,18 @@ def test_write_report_creates_plots_dir(runs, tmp_path):
     run = _copy(runs["modadd"], tmp_path)
     shutil.rmtree(run / "plots", ignore_errors=True)  # the run drew its own report; start without plots/
     write_report(run)
-    assert (run / "plots" / "report-loss.svg").is_file()
+    assert (run / "plots" / "report-loss.svg").is_file() and (run / "plots" / "report-loss.png").is_file()
+
+
+def test_a_report_written_twice_is_the_same_bytes(runs, tmp_path):
+    run = _copy(runs["sha"], tmp_path)
+    write_report(run)
+    first = {p.name: p.read_bytes() for p in sorted((run / "plots").iterdir())} | {
+        "report.html": (run / "report.html").read_bytes()}
+    write_report(run)
+    again = {p.name: p.read_bytes() for p in sorted((run / "plots").iterdir())} | {
+        "report.html": (run / "report.html").read_bytes()}
+    assert first == again and any(n.endswith(".png") for n in first)
 
 
 def test_verdict_table_with_claims_and_line_without(runs):
@@ -109,52 +188,84 @@ def test_verdict_table_with_claims_and_line_without(runs):
 
 # ------------------------------------------------------------------------------ what the plots show
 
+@pytest.mark.parametrize("name", ["modadd", "sha"])
+def test_every_plot_is_a_matplotlib_figure_with_data_and_labelled_axes(runs, name):
+    _, _, svgs = build_report(runs[name])
+    figures = report_figures(runs[name])
+    assert [f"{stem}.svg" for stem, _ in figures] == list(svgs)  # the figures are the report's plots
+    assert len(figures) >= 5
+    for stem, fig in figures:
+        assert isinstance(fig, MatplotlibFigure), stem
+        (ax,) = fig.axes
+        assert ax.get_xlabel() == "step" and ax.get_ylabel(), stem
+        assert ax.get_title(loc="left"), stem
+        series = _gid(fig, "series")
+        assert series, f"{stem}: no data series drawn"
+        for line in series:
+            y = np.asarray(line.get_ydata(), dtype=float)
+            assert np.isfinite(y).sum() >= 1, f"{stem}: {line.get_label()} has no finite point"
+            lo, hi = sorted(ax.get_ylim())
+            assert np.all((y[np.isfinite(y)] >= lo) & (y[np.isfinite(y)] <= hi)), f"{stem}: data off the axes"
+        assert _legend(fig) == [line.get_label() for line in series + _gid(fig, "hline")]
+
+
+def test_units_on_the_axes(runs):
+    figs = _figures(runs["modadd"])
+    units = {stem: fig.axes[0].get_ylabel() for stem, fig in figs.items()}
+    assert units["report-loss"] == "loss (nats)"  # cross-entropy of ln 23: natural log
+    assert units["report-accuracy"] == "accuracy (fraction correct)"
+    assert units["report-memory"] == "GB" and units["report-throughput"] == "samples / s"
+
+
 @pytest.mark.parametrize("name, ln, value", [("modadd", "ln 23", math.log(23)), ("sha", "ln 2", math.log(2))])
-def test_loss_plot_has_the_random_baseline(runs, name, ln, value):
+def test_loss_plot_has_the_random_baseline(runs, name, ln, value, tmp_path):
     md, _, svgs = build_report(runs[name])
-    svg = _svg(svgs["report-loss.svg"])
-    hlines = _groups(svg, "hline")
-    assert len(hlines) == 1
+    fig = _figures(runs[name])["report-loss"]
+    (hline,) = _gid(fig, "hline")
     label = f"random baseline {ln} = {value:.4g}"
-    assert _title(hlines[0]) == label and label in _texts(hlines[0])
-    # the line is drawn at the baseline's height: between the y ticks that bracket it
-    y_line = float(hlines[0].find("s:line", SVG_NS).get("y1"))
-    ticks = {}
-    for t in svg.iter("{http://www.w3.org/2000/svg}text"):
-        if t.get("text-anchor") == "end" and re.fullmatch(r"-?[\d.]+", t.text or ""):
-            ticks[float(t.text)] = float(t.get("y")) - 3.5
-    lo = max(v for v in ticks if v <= value)
-    hi = min(v for v in ticks if v >= value)
-    if hi > lo:
-        expect = ticks[lo] + (value - lo) / (hi - lo) * (ticks[hi] - ticks[lo])
-        assert abs(y_line - expect) < 1.0
+    assert hline.get_label() == label and label in _legend(fig)
+    assert list(hline.get_ydata()) == [value, value]
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo < value <= hi  # on the plot, not off its edge
+    assert label in _tooltips(_svg(svgs["report-loss.svg"]))
+    # in the file: the line is drawn at the baseline's height, between the y ticks that bracket it
+    run = _copy(runs[name], tmp_path)
+    write_report(run)
+    first_y, ticks = _file_geometry(run / "plots" / "report-loss.svg")
+    below = max((t for t in ticks if t[0] <= value), key=lambda t: t[0])
+    above = min((t for t in ticks if t[0] >= value), key=lambda t: t[0], default=None)
+    if above is None:  # the baseline is the top of the plot: extrapolate from the two highest ticks
+        below, above = sorted(ticks)[-2:]
+    expect = below[1] + (value - below[0]) / (above[0] - below[0]) * (above[1] - below[1])
+    assert abs(first_y["hline-0"] - expect) < 0.5
     assert f"{ln} = {value:.4g}" in md  # the header says what the baseline is
 
 
 def test_sha256_report_shades_phases_and_marks_promotions(runs):
     run = runs["sha"]
     _, _, svgs = build_report(run)
-    svg = _svg(svgs["report-loss.svg"])
-    bands = _groups(svg, "band")
-    labels = [_texts(b)[0] for b in bands]
+    figs = _figures(run)
+    loss = figs["report-loss"]
+    bands = _gid(loss, "band")
+    labels = [_label_of(loss, b) for b in bands]
     assert labels == ["phase 0: rounds 1", "phase 1: rounds 2", "phase 2: rounds 4"]
     promotions = [e for e in read_events(run / "events.jsonl") if e["kind"] == "promotion"]
     assert [e["step"] for e in promotions] == [5, 10]
-    markers = _groups(svg, "marker")
-    marker_x = {}
-    for m in markers:
-        step = int(re.match(r"step (\d+):", _title(m)).group(1))
-        marker_x[step] = float(m.find("s:line", SVG_NS).get("x1"))
-        assert "promotion" in _title(m)
+    markers = _gid(loss, "marker")
+    marker_x = {int(m.get_xdata()[0]): m for m in markers}
     assert sorted(marker_x) == [5, 10]
-    assert any("rounds 1\u21922" in t for m in markers for t in _texts(m))
+    assert any("rounds 1\u21922" in _label_of(loss, m) for m in markers)
+    tips = [t for t in _tooltips(_svg(svgs["report-loss.svg"])) if t.startswith("step ")]
+    assert [t.split(":")[0] for t in tips] == ["step 5", "step 10"] and all("promotion" in t for t in tips)
     # each phase after the first starts where its promotion is marked
-    band_x = [float(b.find("s:rect", SVG_NS).get("x")) for b in bands]
-    assert abs(band_x[1] - marker_x[5]) < 0.2 and abs(band_x[2] - marker_x[10]) < 0.2
+    band_x = [_x_extent(b) for b in bands]
+    assert abs(band_x[1][0] - 5) < 0.05 and abs(band_x[2][0] - 10) < 0.05
+    assert abs(band_x[0][1] - band_x[1][0]) < 0.05 and abs(band_x[1][1] - band_x[2][0]) < 0.05
     # the accuracy plot is shaded the same way; acc and its alias accuracy are drawn once
-    acc = _svg(svgs["report-accuracy.svg"])
-    assert [_texts(b)[0] for b in _groups(acc, "band")] == labels
-    assert "acc = accuracy" in _texts(acc)
+    acc = figs["report-accuracy"]
+    assert [_label_of(acc, b) for b in _gid(acc, "band")] == labels
+    assert "acc = accuracy" in _legend(acc)
+    assert "acc = accuracy" in _texts(_svg(svgs["report-accuracy.svg"]))
 
 
 def test_resume_is_marked(tmp_path):
@@ -162,12 +273,30 @@ def test_resume_is_marked(tmp_path):
     trainlab("run", "modadd", "--preset", "smoke", "--steps", "20", "--run-dir", str(run), cwd=tmp_path, check=True)
     trainlab("run", "modadd", "--preset", "smoke", "--steps", "30", "--run-dir", str(run), cwd=tmp_path, check=True)
     md, _, svgs = build_report(run)
-    markers = _groups(_svg(svgs["report-loss.svg"]), "marker")
-    assert [_title(m).split(":")[0] for m in markers] == ["step 20"]
-    assert _texts(markers[0]) == ["resume +1"]  # the resume, and one more event at that step:
-    assert "config_changed" in _title(markers[0])  # the extension of train.steps, in the tooltip
+    loss = _figures(run)["report-loss"]
+    markers = _gid(loss, "marker")
+    assert [m.get_xdata()[0] for m in markers] == [20]
+    assert _label_of(loss, markers[0]) == "resume +1"  # the resume, and one more event at that step:
+    (tip,) = [t for t in _tooltips(_svg(svgs["report-loss.svg"])) if t.startswith("step ")]
+    assert tip.startswith("step 20:") and "config_changed" in tip  # the extension of train.steps, in the tooltip
     assert "| 2 (1 resume) |" in md and "| `resume` | 20 |" in md
     assert "| step | 30 / 30 |" in md
+
+
+def test_a_quantity_spanning_decades_is_drawn_on_a_log_axis(runs, tmp_path):
+    run = _copy(runs["modadd"], tmp_path)
+    lines = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    col = header.index("grad_norm")
+    rows = [line.split(",") for line in lines[1:]]
+    for k, row in enumerate(rows):  # 1e-3 .. 1e4: seven decades
+        if row[col]:
+            row[col] = f"{10.0 ** (-3 + 7 * k / max(len(rows) - 1, 1)):.6g}"
+    (run / "metrics.csv").write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n", encoding="utf-8")
+    figs = _figures(run)
+    grad = figs["report-grad-norm"].axes[0]
+    assert grad.get_yscale() == "log" and grad.get_ylabel().endswith("(log scale)")
+    assert figs["report-loss"].axes[0].get_yscale() == "linear"  # the loss spans less than a decade
 
 
 def test_absent_columns_are_reported_not_measured(runs, tmp_path):
@@ -187,6 +316,7 @@ def test_absent_columns_are_reported_not_measured(runs, tmp_path):
     assert "not measured: grad_norm, grad_norm_max not in metrics.csv" in html
     assert "report-loss.svg" in svgs and "val_loss not in metrics.csv" in html  # said under the loss plot
     assert "val_loss" not in "".join(_texts(_svg(svgs["report-loss.svg"])))
+    assert "val_loss" not in _legend(_figures(run)["report-loss"])
     numbers = md[md.index("## Numbers"):md.index("## Events")]
     assert re.search(r"\| `val_loss` \| not measured: val\\_loss not in metrics.csv", numbers)
 
@@ -217,6 +347,30 @@ def test_events_table_is_capped_and_says_what_was_left_out(runs, tmp_path):
     assert len(table_rows) == 50
     assert "| `memory_warning` | 999 |" in events  # an unusual event is never the one left out
     assert f"{total - 50} of {total} events left out" in events
+
+
+# ------------------------------------------------------------------------------ heatmaps
+
+def test_the_trainers_heatmaps_are_vector_figures_of_the_array(runs):
+    plots = runs["sha"] / "plots"
+    for tag in ("phase_end_0-step5", "phase_end_1-step10", "final-step30"):
+        svg = plots / f"bit_acc_map-{tag}.svg"
+        assert svg.is_file() and _decode_png((plots / f"bit_acc_map-{tag}.png").read_bytes())[0] > 300
+        inline = _svg(inline_svg(svg.read_text(encoding="utf-8")))
+        assert len(inline.findall(".//s:path", SVG_NS)) >= 8 * 32  # a shape per cell, no embedded bitmap
+        assert any(t.startswith("per-bit accuracy") for t in _texts(inline))
+    values = [[0.5 + 0.5 * ((i + j) % 3) / 2 for j in range(32)] for i in range(8)]
+    values[2][5] = float("nan")  # a cell not measured is left blank, not drawn as a value
+    fig = draw_heatmap(values, "per-bit accuracy", list("abcdefgh"), [str(31 - j) for j in range(32)],
+                       0.5, 1.0, x_label="bit", y_label="word", value_label="accuracy").figure
+    ax, bar = fig.axes
+    (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    cells, expect = np.ma.asarray(mesh.get_array()).reshape(8, 32), np.ma.masked_invalid(np.array(values))
+    assert (np.ma.getmaskarray(cells) == expect.mask).all() and np.allclose(cells.compressed(), expect.compressed())
+    assert mesh.norm.vmin == 0.5 and mesh.norm.vmax == 1.0
+    assert (ax.get_xlabel(), ax.get_ylabel(), bar.get_ylabel()) == ("bit", "word", "accuracy")
+    assert [t.get_text() for t in ax.get_yticklabels()] == list("abcdefgh")
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # row 0 (a) at the top
 
 
 # ------------------------------------------------------------------------------ the HTML page
@@ -297,13 +451,19 @@ def test_text_from_files_is_escaped_and_foreign_svg_is_defused(runs, tmp_path):
     assert "<script>" not in md and "<b>" not in md
 
 
-# ------------------------------------------------------------------------------ svgplot on awkward input
+# ------------------------------------------------------------------------------ line_chart on awkward input
 
 def _drawn_numbers(svg: str) -> list[float]:
     values = []
-    for attr in re.findall(r'\s(?:x|y|x1|x2|y1|y2|cx|cy|width|height|points)="([^"]*)"', svg):
-        values += [float(v) for v in re.split(r"[ ,]+", attr.strip()) if v]
+    for attr in re.findall(r'\s(?:x|y|x1|x2|y1|y2|cx|cy|width|height|points|d)="([^"]*)"', svg):
+        values += [float(v) for v in re.findall(r"-?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|nan|inf", attr)]
     return values
+
+
+def _series_paths(svg: str, k: int = 0) -> list[str]:
+    """The d of each path matplotlib drew for series k (its markers excepted)."""
+    group = next(g for g in _svg(svg).iter(f"{SVG}g") if g.get("id") == f"series-{k}")
+    return [p.get("d") for p in group.findall(f"{SVG}path")]
 
 
 @pytest.mark.parametrize("series, note", [
@@ -320,44 +480,81 @@ def _drawn_numbers(svg: str) -> list[float]:
     ({"a": [(-5, 1.0), (1e15, 2.0)]}, None),
 ])
 def test_line_chart_handles_awkward_values(series, note):
-    svg = line_chart(series, "t <&>", "x", "y", hlines=[(float("nan"), "bad"), (2.0, "two")],
-                     bands=[(0, 1, "b0")], markers=[(1, "m"), (float("inf"), "bad")])
+    chart = line_chart(series, "t <&>", "x", "y", hlines=[(float("nan"), "bad"), (2.0, "two")],
+                       bands=[(0, 1, "b0")], markers=[(1, "m"), (float("inf"), "bad")])
+    svg = chart.svg()
     root = _svg(svg)
-    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert root.tag == f"{SVG}svg" and "t <&>" in _texts(root)
     assert all(math.isfinite(v) for v in _drawn_numbers(svg))
     if note:
         assert note in svg
     else:
         assert "not drawn" not in svg
+    assert [h.get_label() for h in _gid(chart.figure, "hline")] == ["two"]  # the NaN line is left out
+    assert [m.get_xdata()[0] for m in _gid(chart.figure, "marker")] == [1]
     if series.get("a"):
-        points = [p for p in series["a"] if p[1] is not None and math.isfinite(p[1])]
-        shown = len(root.findall(".//s:polyline", SVG_NS)) + len(root.findall(".//s:circle", SVG_NS))
-        assert shown >= 1 if points else shown == 0
+        points = [(float(x), float(y)) for x, y in series["a"] if y is not None and math.isfinite(y)]
+        (line, *_) = _gid(chart.figure, "series")
+        x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        assert list(zip(x[np.isfinite(y)], y[np.isfinite(y)])) == points  # every drawable point, as given
+        if len(points) == 1:  # a lone point is a dot: a line of one point shows nothing
+            assert line.get_marker() == "o"
 
 
 def test_line_chart_log_axis_skips_non_positive_and_says_so():
-    svg = line_chart({"g": [(0, 0.0), (1, -2.0), (2, 1e-3), (3, 10.0), (4, 1e4)]}, "g", "step", "norm", log_y=True)
+    chart = line_chart({"g": [(0, 0.0), (1, -2.0), (2, 1e-3), (3, 10.0), (4, 1e4)]}, "g", "step", "norm", log_y=True)
+    svg = chart.svg()
     assert "2 points not drawn: 2 <=0 on log axis" in svg.replace("&lt;", "<")
-    assert "(log scale)" in svg
+    assert "(log scale)" in svg and chart.figure.axes[0].get_yscale() == "log"
     _svg(svg)
 
 
-def test_line_chart_gaps_break_lines_and_many_points_are_thinned():
-    svg = line_chart({"a": [(0, 1.0), (1, 2.0), (2, None), (3, 2.0), (4, 1.0)]}, "t", "x", "y")
-    assert len(_svg(svg).findall(".//s:polyline", SVG_NS)) == 2
+def test_line_chart_gaps_break_lines_and_many_points_stay_small():
+    svg = line_chart({"a": [(0, 1.0), (1, 2.0), (2, None), (3, 2.0), (4, 1.0)]}, "t", "x", "y").svg()
+    (d,) = _series_paths(svg)
+    assert d.count("M") == 2  # two pieces, not bridged
     big = [(i, math.sin(i / 50.0)) for i in range(200_000)]
-    svg = line_chart({"big": big}, "t", "x", "y")
-    assert len(svg) < 400_000  # thinned to the pixel columns, min and max kept
-    ys = [float(p.split(",")[1]) for p in _svg(svg).find(".//s:polyline", SVG_NS).get("points").split()]
+    svg = line_chart({"big": big}, "t", "x", "y").svg()
+    assert len(svg) < 400_000  # matplotlib's path simplification: far fewer vertices than points
+    (d,) = _series_paths(svg)
+    ys = [float(v) for v in d.split()[2::3]]
     assert max(ys) - min(ys) > 100  # the envelope (-1..1) still spans the plot
 
 
-def test_nice_ticks():
-    assert nice_ticks(0, 40, 5)[2] == [0, 10, 20, 30, 40]
-    lo, hi, ticks = nice_ticks(3.1, 3.56)
-    assert lo <= 3.1 and hi >= 3.56 and 3 <= len(ticks) <= 8
-    lo, hi, ticks = nice_ticks(5, 5)
-    assert lo < 5 < hi
+def test_axis_ticks_are_round_numbers_that_cover_the_data():
+    def ticks(lo, hi):
+        ax = line_chart({"a": [(0, lo), (1, hi)]}, "t", "x", "y").figure.axes[0]
+        bottom, top = ax.get_ylim()
+        return bottom, top, [t for t in ax.get_yticks() if bottom <= t <= top]
+
+    assert ticks(0, 40)[2] == [0, 10, 20, 30, 40]
+    bottom, top, shown = ticks(3.1, 3.56)
+    assert bottom <= 3.1 and top >= 3.56 and 3 <= len(shown) <= 8
+    assert all(abs(t * 10 - round(t * 10)) < 1e-9 for t in shown)  # 3.1, 3.2, ...: round numbers
+    bottom, top, _ = ticks(5, 5)
+    assert bottom < 5 < top
+
+
+# ------------------------------------------------------------------------------ one formatter, one config loader
+
+def test_numbers_and_durations_have_one_format():
+    assert [format_number(v) for v in (0.123456, 40, 3.0, float("nan"), float("inf"), None, True, "x")] == \
+        ["0.1235", "40", "3", "nan", "inf", "-", "True", "x"]
+    assert format_number(2 / 3, 6) == "0.666667" and format_number(None, missing="") == ""
+    assert [format_duration(s) for s in (0, 59.6, 65, 3599, 7385.2, float("nan"), float("inf"))] == \
+        ["0m00s", "1m00s", "1m05s", "59m59s", "2h03m05s", "?", "?"]
+
+
+def test_a_run_directorys_config_is_read_in_one_place(runs, tmp_path):
+    assert read_run_config(runs["modadd"])["experiment"] == "modadd"
+    assert read_run_config(tmp_path) is None  # none there
+    (tmp_path / "config.yaml").write_text("", encoding="utf-8")
+    assert read_run_config(tmp_path) is None  # empty: no mapping (a kill while it was written)
+    for text, says in ((b"a: [1\n", "config.yaml is malformed"), (b"a: \xff\n", "config.yaml is unreadable")):
+        (tmp_path / "config.yaml").write_bytes(text)
+        with pytest.raises(UsageError, match=f"run directory {re.escape(str(tmp_path))}: {says} \\(") as err:
+            read_run_config(tmp_path)
+        assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------ rendered by a real browser
@@ -437,7 +634,7 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = html_path.read_text(encoding="utf-8")
     assert dom.stdout.count("<svg") == html.count("<svg") >= 7
-    assert dom.stdout.count("<polyline") >= html.count("<polyline") > 0
+    assert dom.stdout.count("<path") >= html.count("<path") > 0  # matplotlib draws every line as a path
     assert "random baseline ln 2 = 0.6931" in dom.stdout and "phase 1: rounds 2" in dom.stdout
     shot = subprocess.run(common + [f"--screenshot={png}", "--window-size=1200,3000", url],
                           capture_output=True, text=True, timeout=120)
@@ -474,5 +671,5 @@ def test_a_config_that_is_not_utf8_is_named_and_the_report_goes_on(runs, tmp_pat
     run = _copy(runs["modadd"], tmp_path)
     (run / "config.yaml").write_bytes(b"experiment: modadd\n# \xff\n")
     md, html, svgs = build_report(run)
-    assert "config.yaml (config.yaml unreadable: 'utf-8' codec can't decode byte 0xff" in md
+    assert "config.yaml (config.yaml is unreadable ('utf-8' codec can't decode byte 0xff" in md
     assert "report-loss.svg" in svgs  # metrics.csv is still read and drawn

@@ -29,7 +29,7 @@ def test_linear_decay_and_constant():
     assert [lr_multiplier(const, s, 6) for s in range(6)] == pytest.approx([0.0, 0.5, 1, 1, 1, 1])
 
 
-def test_explicit_multi_phase_cosine_like_seed_003():
+def test_explicit_multi_phase_cosine_like_the_ternary_vae_schedule():
     # exploration at 1.0 with cosine to 0.1, then a constant search phase, then a linear decay to 0
     cfg = ScheduleConfig(phases=[LRPhase("cosine", 100, 1.0, 0.1), LRPhase("constant", 200, 0.1, 0.1),
                                  LRPhase("linear", 0, 0.01, 0.0)])
@@ -44,7 +44,7 @@ def test_explicit_multi_phase_cosine_like_seed_003():
     assert lr_multiplier(cfg, 500, total) == pytest.approx(0.0)
 
 
-def test_seed_000_l2_weight_ramp():
+def test_stegastamp_l2_weight_ramp():
     """L2 weight 0 -> 0.5 over the first 10 %, 0.5 -> 2.0 until 40 %, then 2.0."""
     cfg = ScheduleConfig(loss_weights={"l2": [(0.0, 0.0), (0.1, 0.5), (0.4, 2.0)]})
     total = 1000

@@ -62,7 +62,7 @@ def test_sigkill_resume_is_exact_with_both_loaders(tmp_path: Path):
 
 
 def test_seed_preset_is_the_seed_document_setting(tmp_path: Path):
-    out = trainlab("config", "sha256", "--preset", "seed", cwd=tmp_path)
+    out = trainlab("config", "sha256", "--preset", "original", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     import yaml
 

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def _column(rows: list[dict], col: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[col])) for r in rows if r.get(col) not in (None, "")]
 
 
-def _seed_004_rule(diverse_smallest_first: list[bool]) -> str:
+def _size_study_rule(diverse_smallest_first: list[bool]) -> str:
     """The decision tree as docs/experiments/bitnet_lm.md states it, on the diverse flags of the sizes
     from the smallest: 2 is "not diverse, then diverse from some size on" (False < True, so the flags are
     sorted ascending), 4 is "diverse up to some size, then not" (sorted descending)."""
@@ -61,15 +62,22 @@ def _seed_004_rule(diverse_smallest_first: list[bool]) -> str:
     return "5"
 
 
+def _vertices(path: ET.Element) -> list[tuple[float, float]]:
+    """The (x, y) of each vertex of an SVG path as matplotlib writes it ("M x y L x y ...")."""
+    numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", path.get("d"))]
+    return list(zip(numbers[::2], numbers[1::2]))
+
+
 def _series_polylines(svg_path: Path) -> tuple[ET.Element, dict[str, list[tuple[float, float]]]]:
-    """The parsed SVG and, per series title, the pixel vertices of its drawn line."""
+    """The parsed SVG and, per series title, the pixel vertices of its drawn line (the groups
+    series-K the figure code names, each with its series' name as <title>; markers excepted)."""
     root = ET.fromstring(svg_path.read_text(encoding="utf-8"))
     lines = {}
     for group in root.iter(f"{SVG}g"):
-        if group.get("class") == "series":
+        if re.fullmatch(r"series-\d+", group.get("id") or ""):
             vertices = []
-            for poly in group.iter(f"{SVG}polyline"):
-                vertices += [tuple(float(c) for c in pair.split(",")) for pair in poly.get("points").split()]
+            for path in group.findall(f"{SVG}path"):
+                vertices += _vertices(path)
             lines[group.find(f"{SVG}title").text] = vertices
     return root, lines
 
@@ -104,7 +112,7 @@ def test_two_point_sweep_finishes_with_table_and_conclusion(tmp_path: Path):
     sweep = tmp_path / "sw"
     for name in ("hidden-16", "hidden-32"):
         assert json.loads((sweep / name / "status.json").read_text())["state"] == "finished"
-    # the table (the evaluated steps nearest 10 / 40 / 100 % of the run, as seed 004's 1k / 4k / 10k of
+    # the table (the evaluated steps nearest 10 / 40 / 100 % of the run, as the BitNet size study's 1k / 4k / 10k of
     # 10k; the smoke preset evaluates every 10 steps) and a conclusion by a named rule
     assert "point | params (non-embedding) | state | step 10 | step 30" in proc.stdout
     assert "rule " in proc.stdout and "distinct_preds" in proc.stdout
@@ -123,7 +131,7 @@ def test_two_point_sweep_finishes_with_table_and_conclusion(tmp_path: Path):
     finals = {name: _column(r, "distinct_preds")[-1] for name, r in rows.items()}  # the last evaluation
     (c,) = summary["conclusions"]
     assert c["diverse_threshold"] == threshold
-    assert c["rule"] == _seed_004_rule([v >= threshold for _, v in finals.values()])
+    assert c["rule"] == _size_study_rule([v >= threshold for _, v in finals.values()])
     assert c["left_out"] == []
     for (name, (step, value)), line in zip(finals.items(), c["numbers"][1:3]):
         kind = "diverse" if value >= threshold else "collapsed" if value < 10 else "partial"
@@ -137,8 +145,8 @@ def test_two_point_sweep_finishes_with_table_and_conclusion(tmp_path: Path):
     _, loss_lines = _series_polylines(sweep / "plots" / "sweep-loss.svg")
     _assert_drawn_from({n: _column(r, "val_loss") for n, r in rows.items()}, loss_lines)
     root, collapse_lines = _series_polylines(sweep / "plots" / "sweep-collapse.svg")
-    hlines = {g.find(f"{SVG}title").text: float(g.find(f"{SVG}line").get("y1"))
-              for g in root.iter(f"{SVG}g") if g.get("class") == "hline"}
+    hlines = {g.find(f"{SVG}title").text: _vertices(g.find(f"{SVG}path"))[0][1]
+              for g in root.iter(f"{SVG}g") if re.fullmatch(r"hline-\d+", g.get("id") or "")}
     assert set(hlines) == {"collapse below 10", f"diverse from {threshold:g}"}
     _assert_drawn_from({n: _column(r, "distinct_preds") for n, r in rows.items()}, collapse_lines,
                        {10.0: hlines["collapse below 10"], threshold: hlines[f"diverse from {threshold:g}"]})
@@ -146,7 +154,9 @@ def test_two_point_sweep_finishes_with_table_and_conclusion(tmp_path: Path):
     assert "step" in texts and "distinct_preds" in texts  # the axes are labelled
     _, power_lines = _series_polylines(sweep / "plots" / "sweep-powerlaw.svg")
     final_loss = [(np.log10(p["params"]), _column(rows[p["name"]], "val_loss")[-1][1]) for p in summary["points"]]
-    _assert_drawn_from({"measured [all points]": final_loss}, power_lines)
+    _assert_drawn_from({"measured [all points]": final_loss}, power_lines)  # size on a log axis
+    for name in ("sweep-loss", "sweep-collapse", "sweep-powerlaw"):  # and a PNG of each, to paste elsewhere
+        assert (sweep / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun finds everything finished and runs nothing
     again = trainlab(*TINY, "--sweep-dir", "sw", cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "(2 finished before, skipped)" in again.stdout
@@ -305,7 +315,7 @@ def test_another_sweep_in_the_same_directory_is_refused(tmp_path: Path):
 def test_ray_backend_runs_the_same_points(tmp_path: Path):
     pytest.importorskip("ray")
     proc = trainlab(*TINY, "--steps", "10", "--backend", "ray", "--parallel", "2", "--sweep-dir", "sw",
-                    cwd=tmp_path, timeout=300)
+                    cwd=tmp_path, timeout=300, own_process=True)  # Ray's driver stays in its process
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("hidden-16", "hidden-32"):
         assert json.loads((tmp_path / "sw" / name / "status.json").read_text())["state"] == "finished"
@@ -331,7 +341,7 @@ def _point(hidden: int, trajectory: list[float], lr: str | None = None, state: s
     ([60, 50, 5, 2], "4", "larger sizes lose diversity (diverse up to hidden=512 only): LR is the lever"),
     ([2, 60, 5, 70], "5", "non-monotonic: investigate"),
 ])
-def test_decision_rules_follow_seed_004(finals, rule, verdict):
+def test_decision_rules_follow_the_bitnet_size_study(finals, rule, verdict):
     points = [_point(h, [20, f]) for h, f in zip((256, 512, 768, 1024), finals)]
     (c,) = conclude(points, collapse_min=10, diverse_above=None, metric="distinct_preds")
     assert c.rule == rule and c.verdict.startswith(verdict)

@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from trainlab.errors import EXIT_SIGINT, EXIT_STOPPED, EXIT_USAGE, Interrupted, TrainingStopped, UsageError
+from trainlab.errors import EXIT_SIGINT, EXIT_STOPPED, EXIT_USAGE, Interrupted, TrainingStopped, UsageError, brief
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,23 +116,16 @@ def cmd_config(args) -> int:
     return 0
 
 
-def _fmt_duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def _summary(row: dict, keys: tuple[str, ...]) -> str:
-    parts = []
-    for k in keys:
-        v = row.get(k)
-        if isinstance(v, (int, float)):
-            parts.append(f"{k} {v:.4g}")
-    return ", ".join(parts)
+    """The last row's numbers for the closing line: "loss 2.879, acc 0.1219"."""
+    from trainlab.formatting import format_number
+
+    return ", ".join(f"{k} {format_number(row[k])}" for k in keys if isinstance(row.get(k), (int, float)))
 
 
 def cmd_run(args) -> int:
     from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
+    from trainlab.formatting import format_duration
 
     experiment, cfg = load_target(args.target, args.preset, args.sets, args.steps)
     device = resolve_device(args.device)
@@ -151,12 +144,10 @@ def cmd_run(args) -> int:
         result = launch.run()
     except TrainingStopped as exc:
         print(f"trainlab: stopped: {exc} ({run_dir})", file=sys.stderr)
-        _write_report(run_dir)
         return EXIT_STOPPED
     except Interrupted as exc:
         print(f"trainlab: {exc.signal_name}: checkpoint saved; rerun the same command to resume ({run_dir})",
               file=sys.stderr)
-        _write_report(run_dir)
         return exc.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C before the first one's checkpoint, or one outside the loop
         print(f"trainlab: interrupted before a checkpoint could be saved; rerun the same command to resume "
@@ -171,29 +162,18 @@ def cmd_run(args) -> int:
         except OSError:
             log = None
         where = f"; traceback in {log}" if log else ""
-        print(f"trainlab: training failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}{where}",
+        print(f"trainlab: training failed: {type(exc).__name__}: {brief(exc, 300)}{where}",
               file=sys.stderr)
         return EXIT_STOPPED
-    _write_report(run_dir)
-    print(f"trainlab: finished {run_dir.name} at step {result.step}/{result.total_steps}: "
-          f"{_summary(result.last_row, keys)} in {_fmt_duration(result.elapsed_s)} -> {run_dir}")
+    ended = f" ({result.reason})" if result.reason else ""  # a time budget or --stop-at ended it early
+    print(f"trainlab: finished {run_dir.name} at step {result.step}/{result.total_steps}{ended}: "
+          f"{_summary(result.last_row, keys)} in {format_duration(result.elapsed_s)} -> {run_dir}")
     return 0
-
-
-def _write_report(run_dir: Path) -> None:
-    """The run's report at its end; a report that cannot be drawn must not fail the run."""
-    from trainlab.health.evidence import claims_for
-    from trainlab.report.render import write_report
-
-    try:
-        write_report(run_dir, claims_for(run_dir))
-    except Exception as exc:  # noqa: BLE001 -- the training result stands; say what went wrong
-        print(f"trainlab: could not write the report ({type(exc).__name__}: {exc}); "
-              f"`trainlab report {run_dir}` retries", file=sys.stderr)
 
 
 def cmd_runs(args) -> int:
     from trainlab.engine.rundir import find_runs, summarize
+    from trainlab.formatting import format_duration
 
     root = Path(args.root)
     if not root.is_dir():
@@ -208,7 +188,7 @@ def cmd_runs(args) -> int:
     for s in summaries:
         step = "-" if s.step is None else (f"{s.step}/{s.total}" if s.total else str(s.step))
         loss = "-" if s.loss is None else f"{s.loss:.4g}"
-        updated = "-" if s.updated is None else f"{_fmt_duration(now - s.updated)} ago"
+        updated = "-" if s.updated is None else f"{format_duration(now - s.updated)} ago"
         name = str(s.path.relative_to(root)) if s.path != root else str(s.path)
         status = s.state + (f" ({s.reason})" if s.reason and s.state in ("stopped", "crashed") else "")
         rows.append((name, status, step, loss, updated))
@@ -309,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        print(f"trainlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"trainlab: error: {brief(exc, None)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("trainlab: interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trainlab.errors import ConfigError, UsageError
+from trainlab.errors import ConfigError, UsageError, brief
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
@@ -65,14 +65,14 @@ class OptimConfig:
     betas: tuple[float, float] = knob((0.9, 0.999), "momentum coefficients (beta1, beta2)", ge=0, lt=1)
     eps: float = knob(1e-8, "AdamW denominator epsilon", gt=0)
     momentum_dtype: Literal["fp32", "bf16"] = knob(
-        "fp32", "dtype of Lion's momentum buffer (bf16 halves optimizer memory, as seed 002 does)")
+        "fp32", "dtype of Lion's momentum buffer (bf16 halves optimizer memory, as the SHA-256 curriculum does)")
     galore_rank: int = knob(0, "GaLore (Zhao et al. 2024): project gradients of 2-D weights to this rank; "
                                "0 = off", ge=0)
     galore_update_every: int = knob(200, "steps between refreshes of GaLore's projection (an SVD of the "
                                          "gradient)", ge=1)
     galore_scale: float = knob(0.25, "GaLore's alpha: scale of the update projected back to full rank", gt=0)
     lr_scale: Literal["none", "sqrt"] = knob(
-        "none", "scale the LR with the model's width: sqrt = optim.lr x sqrt(lr_scale_base / width) (seed 004's "
+        "none", "scale the LR with the model's width: sqrt = optim.lr x sqrt(lr_scale_base / width) (the BitNet size study's "
                 "follow-up for wide ternary models); the width is the experiment's (bitnet_lm: model.hidden)")
     lr_scale_base: int = knob(256, "the width at which lr_scale leaves optim.lr unchanged", ge=1)
 
@@ -135,6 +135,12 @@ class LogConfig:
         "auto", "auto = a progress bar on a terminal, plain periodic lines otherwise")
     plain_interval_s: float = knob(10.0, "least seconds between two plain progress lines", ge=0)
     tensorboard: bool = knob(False, "also write TensorBoard event files (needs the tensorboard package)")
+    mlflow: bool = knob(False, "also log to MLflow (needs mlflow-skinny): params, a metric per row, report.html and "
+                               "config.yaml at the end; tracking URI from MLFLOW_TRACKING_URI, else a file store in "
+                               "the run directory; a resumed run continues its MLflow run")
+    wandb: bool = knob(False, "also log to Weights & Biases (needs wandb): offline unless WANDB_MODE says otherwise; "
+                              "a resumed run continues its W&B run")
+    project: str = knob("trainlab", "the MLflow experiment / W&B project the run is logged under")
 
 
 @dataclass
@@ -163,7 +169,7 @@ class CurriculumConfig:
     window: int = knob(50, "optimizer steps in the running average of the gate metric", ge=1)
     start_phase: int = knob(0, "phase index a fresh run begins at", ge=0)
     on_resume: Literal["checkpoint", "start"] = knob(
-        "checkpoint", "on resume: continue the saved phase, or go back to start_phase (seed 002)")
+        "checkpoint", "on resume: continue the saved phase, or go back to start_phase (the SHA-256 curriculum)")
 
     def check(self, prefix: str) -> None:
         """Cross-field rules, after every field passed its own."""
@@ -214,11 +220,11 @@ class HealthConfig:
     plateau_window: int = knob(50, "rows without significant improvement that make a plateau", ge=10)
     plateau_min_improvement: float = knob(0.01, "relative loss improvement over the plateau window that counts", ge=0)
     collapse_metric: str = knob("", "a metric that collapses toward 0 (e.g. distinct_preds); empty = none")
-    collapse_min: float = knob(10.0, "collapse when collapse_metric falls below this (seed 004: 10 tokens)")
+    collapse_min: float = knob(10.0, "collapse when collapse_metric falls below this (the BitNet size study: 10 tokens)")
     rank_metric: str = knob("", "an effective-rank metric (RankMe) to watch; empty = none")
     rank_drop: float = knob(0.5, "collapse when rank_metric falls below this fraction of its maximum", gt=0, lt=1)
     bounds: dict[str, tuple[float, float]] = knob(factory=dict, help=(
-        "allowed [low, high] of metrics, e.g. {residual_rms: [0.01, 10]} (seed 000's residual bounds)"))
+        "allowed [low, high] of metrics, e.g. {residual_rms: [0.01, 10]} (the StegaStamp readiness report's residual bounds)"))
     grad_regime_ratio: float = knob(3.0, "level change of the gradient norm that counts as a new regime", gt=1)
     grok_train_metric: str = knob("acc", "training accuracy metric for grokking")
     grok_val_metric: str = knob("val_acc", "validation accuracy metric for grokking")
@@ -226,6 +232,17 @@ class HealthConfig:
     grok_val_level: float = knob(0.9, "validation accuracy that marks generalisation", gt=0, le=1)
     rollback_lr_factor: float = knob(0.5, "rollback policy: LR multiplied by this after reloading", gt=0, lt=1)
     rollback_max: int = knob(3, "rollback policy: retries before the run stops", ge=1)
+
+
+@dataclass
+class CallbackSpec:
+    path: str = knob("", "'package.module:ClassName' of a trainlab.Callback subclass")
+    kwargs: dict[str, Any] = knob(factory=dict, help="keyword arguments its __init__ is called with")
+
+    def check(self, prefix: str) -> None:
+        module, sep, name = self.path.partition(":")
+        if not (module and sep and name):
+            raise ConfigError(f"{prefix}.path", f"must look like 'package.module:ClassName', got {_show(self.path)}")
 
 
 @dataclass
@@ -241,6 +258,9 @@ class RunConfig:
     curriculum: CurriculumConfig = knob(factory=CurriculumConfig, help="accuracy-gated phases")
     memory: MemoryConfig = knob(factory=MemoryConfig, help="memory guard")
     health: HealthConfig = knob(factory=HealthConfig, help="live health detectors and their policies")
+    callbacks: list[CallbackSpec] = knob(
+        factory=list, help="your own callbacks: 'package.module:ClassName', or {path: 'package.module:ClassName', "
+                           "kwargs: {...}}; each a subclass of trainlab.Callback, run after trainlab's own")
     model: Any = knob(None, "the experiment's model section")
     data: Any = knob(None, "the experiment's data section")
 
@@ -376,6 +396,10 @@ def coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
                 raise ConfigError(key, f"keys must be non-empty strings, got {_show(k)}")
             out[k] = coerce(v, val_tp, f"{key}.{k}", meta)
         return out
+    if tp is Any:  # free-form data a user's code receives as it is (callback kwargs)
+        return value
+    if tp is CallbackSpec and isinstance(value, str):  # the short form: just the path
+        value = {"path": value}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str):
             value = _parse_flow(value, key)
@@ -389,11 +413,9 @@ def _parse_flow(text: str, key: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(key, f"cannot parse {_show(text)} as YAML: {_one_line(exc)}") from None
+        raise ConfigError(key, f"cannot parse {_show(text)} as YAML: {brief(exc, None)}") from None
 
 
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def unknown_key(key: str, name: str, allowed: list[str]) -> ConfigError:
@@ -415,7 +437,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a missing required field
-        raise ConfigError(prefix, _one_line(exc)) from None
+        raise ConfigError(prefix, brief(exc, None)) from None
     check = getattr(obj, "check", None)
     if callable(check):
         check(prefix)
@@ -457,9 +479,9 @@ def load_yaml_file(path: str) -> dict:
     except IsADirectoryError:
         raise UsageError(f"config file {path}: is a directory, expected a YAML file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config file {path}: cannot read: {_one_line(exc)}") from None
+        raise UsageError(f"config file {path}: cannot read: {brief(exc, None)}") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {path}: malformed YAML: {_one_line(exc)}") from None
+        raise UsageError(f"config file {path}: malformed YAML: {brief(exc, None)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -648,6 +670,7 @@ def render_reference(experiments: dict) -> str:
         cls = _hints(RunConfig)[section]
         lines += reference_rows(cls, section)
     lines += reference_rows(LRPhase, "schedule.phases[]")
+    lines += reference_rows(CallbackSpec, "callbacks[]")
     for exp in experiments.values():
         lines += ["", f"## Experiment `{exp.name}`", "", exp.description, "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]

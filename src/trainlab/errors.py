@@ -14,9 +14,10 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
-def brief(exc: BaseException, limit: int = 120) -> str:
-    """An exception's message on one line (whitespace runs collapsed), at most `limit` characters:
-    what a one-line refusal quotes of the error beneath it."""
+def brief(exc: BaseException | str, limit: int | None = 120) -> str:
+    """An exception's message (or any text) on one line, whitespace runs collapsed, at most `limit`
+    characters (None: all of it): what a one-line refusal quotes of the error beneath it.  The one
+    place this is done -- every one-line message in trainlab goes through it."""
     return " ".join(str(exc).split())[:limit]
 
 

@@ -62,8 +62,9 @@ class Experiment(abc.ABC):
     # The loss cannot go below this (0 for cross-entropy); curve projections respect it.  None for a
     # loss that can be negative (a continuous likelihood, say).
     loss_lower_bound: float | None = 0.0
-    # 2-D evaluation arrays to draw as heatmaps (plots/<name>-<tag>.svg) at the end of each
-    # curriculum phase and of the run: name -> {title, rows, cols, lo, hi} (labels and colour range).
+    # 2-D evaluation arrays to draw as heatmaps (plots/<name>-<tag>.svg and .png) at the end of each
+    # curriculum phase and of the run: name -> {title, rows, cols, lo, hi} (tick labels and colour
+    # range), optionally x_label, y_label (the axes' names) and value_label (the colour bar's).
     heatmaps: dict[str, dict] = {}
 
     def check_config(self, cfg: Any) -> None:

@@ -6,19 +6,19 @@ Every refusal here happens before anything is written (exit code 2)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from trainlab import config as config_mod
 from trainlab.config import RunConfig
+from trainlab.engine.callbacks import Callback, load_callback
 from trainlab.engine.checkpoint import CheckpointStore
-from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside, read_status
+from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside, read_run_config, read_status
 from trainlab.engine.trainer import RunResult, Trainer
-from trainlab.errors import UsageError
+from trainlab.errors import UsageError, brief
 from trainlab.experiment import Experiment, get_experiment
 
 # A resumed run keeps its model, its data and its optimizer's kind: a change there would load
@@ -80,15 +80,38 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
 
 
 def _read_saved_config(run_dir: Path) -> dict | None:
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
-        return None
+    """The config the run directory was run with; None when it has none to compare with."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"run directory {run_dir}: {CONFIG_FILE} is unreadable ({' '.join(str(exc).split())[:120]}); "
-                         "pass --fresh to start over (the old contents are moved aside)") from None
-    return data if isinstance(data, dict) else None
+        return read_run_config(run_dir)
+    except UsageError as exc:
+        raise UsageError(f"{exc}; pass --fresh to start over (the old contents are moved aside)") from None
+
+
+def run_watchers(cfg: RunConfig, experiment: Experiment, run_dir: Path) -> list[Callback]:
+    """The callbacks every run trainlab trains gets (preflight's too): the live health detectors
+    and their policies, and the heatmaps of the experiment's 2-D evaluation arrays."""
+    from trainlab.health.monitor import HealthMonitor
+    from trainlab.report.heatmap import HeatmapWriter
+
+    return [HealthMonitor(cfg, experiment.baseline_loss(cfg)), HeatmapWriter(run_dir)]
+
+
+class RunReport(Callback):
+    """report.md and report.html at the end of `trainlab run` -- also after a stop or a crash, which
+    is when a report is most wanted.  Not after a second Ctrl-C: the user asked to leave now.  A
+    report that cannot be drawn must not fail the run: one line says so, `trainlab report` retries."""
+
+    def on_fit_end(self, trainer, result) -> None:
+        if isinstance(result.error, KeyboardInterrupt):
+            return
+        from trainlab.health.evidence import claims_for
+        from trainlab.report.render import write_report
+
+        try:
+            write_report(trainer.run_dir, claims_for(trainer.run_dir))
+        except Exception as exc:  # noqa: BLE001 -- the training result stands; say what went wrong
+            print(f"trainlab: could not write the report ({type(exc).__name__}: {brief(exc)}); "
+                  f"`trainlab report {trainer.run_dir}` retries", file=sys.stderr)
 
 
 class Launch:
@@ -100,13 +123,16 @@ class Launch:
         self.already_done_at: int | None = None
         self.config_changes: dict[str, tuple] = {}
         self.moved_to: Path | None = None
+        self.user_callbacks: list[Callback] = []
 
     def prepare(self, fresh: bool) -> None:
         """All checks; moves old contents aside for --fresh.  Raises UsageError before writing."""
         run_dir, cfg = self.run_dir, self.cfg
-        if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise UsageError("config log.tensorboard: true needs the tensorboard package; "
-                             "pip install 'trainlab[tensorboard]', or leave log.tensorboard false")
+        from trainlab.trackers import check_trackers
+
+        check_trackers(cfg, run_dir)
+        self.user_callbacks = [load_callback(spec.path, spec.kwargs, f"callbacks[{i}]")
+                               for i, spec in enumerate(cfg.callbacks)]
         check_usable(run_dir)
         if not has_run(run_dir):
             return
@@ -154,9 +180,16 @@ class Launch:
         finally:
             lock.release()
 
+    def callbacks(self) -> list[Callback]:
+        """trainlab's own first (the report before the trackers, which upload it), then the user's."""
+        from trainlab.trackers import build_trackers
+
+        return [*run_watchers(self.cfg, self.experiment, self.run_dir), RunReport(),
+                *build_trackers(self.cfg, self.run_dir), *self.user_callbacks]
+
     def run(self) -> RunResult:
         with self.holding():
-            trainer = Trainer(self.cfg, self.experiment, self.run_dir, self.device)
+            trainer = Trainer(self.cfg, self.experiment, self.run_dir, self.device, callbacks=self.callbacks())
             if self.config_changes:
                 trainer.pending_events.append({"kind": "config_changed", "changes": {
                     k: [a, b] for k, (a, b) in self.config_changes.items()}})

@@ -1,4 +1,4 @@
-"""A ring of shared-memory batch buffers filled by CPU producer processes (seed 002's
+"""A ring of shared-memory batch buffers filled by CPU producer processes (the SHA-256 curriculum's
 SharedMemoryLoader, made deterministic and fault-tolerant).
 
 - Each slot is one POSIX shared-memory segment holding one batch (a fixed set of named arrays).

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from trainlab.errors import TrainingStopped, UsageError
+from trainlab.errors import TrainingStopped, UsageError, brief
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
@@ -248,7 +248,7 @@ class CheckpointStore:
             return torch.load(ckpt.path / STATE_FILE, map_location=map_location, weights_only=True)
         except Exception as exc:  # weights_only refuses any object that is not plain data
             raise UsageError(f"checkpoint {ckpt.path}: {STATE_FILE} holds data that a safe load refuses "
-                             f"({' '.join(str(exc).split())[:160]})") from None
+                             f"({brief(exc, 160)})") from None
 
 
 def check_shapes(weights_file: Path, model: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """Accuracy-gated curriculum phases.
 
-A phase is left for the next when BOTH hold (seed 002's rule, with its bug fixed: the minimum
+A phase is left for the next when BOTH hold (the SHA-256 curriculum's rule, with its bug fixed: the minimum
 counts steps spent *in this phase*, not the run's total step):
   1. steps_in_phase >= min_steps[phase], and
   2. the running mean of the gate metric over the last `window` steps *of this phase* >= gates[phase]
@@ -74,7 +74,7 @@ class Curriculum:
                 "history": self.history.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore; with on_resume=start the run goes back to start_phase (seed 002's behaviour)."""
+        """Restore; with on_resume=start the run goes back to start_phase (the SHA-256 curriculum's behaviour)."""
         if self.cfg.on_resume == "start":
             self.phase, self.steps_in_phase, self.seen = self.cfg.start_phase, 0, 0
             self.history.zero_()

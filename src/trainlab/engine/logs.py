@@ -1,4 +1,4 @@
-"""metrics.csv (append-only), events.jsonl, and an optional TensorBoard writer.
+"""metrics.csv (append-only) and events.jsonl.
 
 metrics.csv is never rewritten.  A resumed run appends rows with a higher `attempt`; steps that
 were logged before a crash and computed again after the resume appear twice, and a reader keeping
@@ -175,20 +175,3 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         pass
     return out
-
-
-class TensorBoardLog:
-    """Scalars to TensorBoard, next to metrics.csv (which stays the source of truth)."""
-
-    def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-    def write(self, step: int, row: dict[str, Any], skip: Iterable[str] = ("step", "attempt")) -> None:
-        for key, value in row.items():
-            if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.writer.close()

@@ -1,6 +1,6 @@
 """Memory guard: poll host RAM and device memory; over a ceiling, try to recover, then stop cleanly.
 
-Seed 002's guard slept and hoped; this one ends in a saved state instead of a swap storm:
+The SHA-256 curriculum script's memory guard slept and hoped; this one ends in a saved state instead of a swap storm:
 gc + empty the device cache -> re-check -> wait `pause_s` (if set) -> re-check -> stop with a
 checkpoint and a message naming the figure and the ceiling.  Peaks are kept for the logs.
 """

@@ -10,14 +10,7 @@ import sys
 import time
 from typing import Any
 
-
-def _fmt_eta(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+from trainlab.formatting import format_duration
 
 
 class Progress:
@@ -54,7 +47,7 @@ class Progress:
             now = time.monotonic()
             if final or self._last_plain == 0.0 or now - self._last_plain >= self.plain_interval_s:
                 self._last_plain = now
-                print(f"[{self.label}] step {step}/{self.total} {info} | eta {_fmt_eta(eta)}",
+                print(f"[{self.label}] step {step}/{self.total} {info} | eta {format_duration(eta)}",
                       file=self.stream, flush=True)
 
     def close(self) -> None:

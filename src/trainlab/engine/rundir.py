@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import yaml
 
 from trainlab.engine.checkpoint import unused_sibling, write_atomic
 from trainlab.engine.logs import EVENTS_FILE, METRICS_FILE, read_metrics
-from trainlab.errors import UsageError
+from trainlab.errors import UsageError, brief
 
 STATUS_FILE = "status.json"
 LOCK_FILE = "run.lock"
@@ -100,6 +101,24 @@ def read_status(run_dir: Path) -> dict:
         return record if isinstance(record, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """A run directory's config.yaml as a dict; None when there is none, or when it holds no mapping
+    (an empty file, say, from a kill while it was written: each caller decides what that means).
+    A file that cannot be read or parsed is a UsageError of one line naming it."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"run directory {run_dir}: {CONFIG_FILE} is unreadable ({brief(exc)})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"run directory {run_dir}: {CONFIG_FILE} is malformed ({brief(exc)})") from None
+    return data if isinstance(data, dict) else None
 
 
 def _alive(pid: int, started: float | None) -> bool:

@@ -12,6 +12,12 @@
       memory ..... poll every memory.every steps; over the ceiling -> checkpoint and stop
       checkpoint . every ckpt.every steps, at the end, and when SIGINT/SIGTERM arrived
 
+Everything that watches or steers the run from outside -- the health detectors, preflight's probe,
+heatmaps, TensorBoard and the experiment trackers, a user's own code -- is a Callback (see
+engine/callbacks.py) handed in by whoever builds the Trainer; the engine imports none of them.
+A callback steers only through request_stop() and request_rollback(), honoured at the end of the
+step, as are the engine's own policies (train.nonfinite, the memory guard).
+
 Between log steps nothing calls .item(): metrics accumulate as device tensors (nanoGPT and litgpt
 make the same point -- a sync per step costs real throughput on a GPU).
 """
@@ -31,19 +37,17 @@ import torch
 
 from trainlab.config import RunConfig
 from trainlab.engine import schedules
+from trainlab.engine.callbacks import EVENTS, Callback, Evaluation, overrides
 from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.curriculum import Curriculum
-from trainlab.engine.logs import (ARRAYS_FILE, METRICS_FILE, SAMPLES_FILE, EventLog, MetricsLog, TensorBoardLog,
-                                  read_events, read_metrics)
+from trainlab.engine.logs import ARRAYS_FILE, METRICS_FILE, SAMPLES_FILE, EventLog, MetricsLog, read_events, read_metrics
 from trainlab.engine.memory import MemoryGuard, empty_device_cache
 from trainlab.engine.progress import Progress
 from trainlab.engine.rundir import write_status
 from trainlab.engine.state import rng_state, seed_everything, set_rng_state
 from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped
 from trainlab.experiment import Experiment, StepContext
-from trainlab.health.monitor import HealthMonitor
 from trainlab.optim import build_optimizer, width_lr_factor
-from trainlab.report.heatmap import svg_heatmap
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -63,12 +67,22 @@ def autocast_context(precision: str, device: torch.device):
 
 @dataclass
 class RunResult:
-    state: str  # finished | stopped
+    """How fit() ended.  state: finished | stopped | crashed (as in status.json); reason: why, in
+    words (empty only for a run that reached train.steps); error: the exception that ended it."""
+
+    state: str
     step: int
     total_steps: int
     last_row: dict[str, Any]
     elapsed_s: float
     reason: str = ""
+    error: BaseException | None = None
+
+
+@dataclass
+class StopRequest:
+    reason: str
+    checkpoint: bool  # False when the weights may be broken (a non-finite interval)
 
 
 _APPLIED = "_applied"  # interval sum of the steps GradScaler applied (fp16); not a logged column
@@ -98,26 +112,60 @@ class _Interval:
 
 
 class Trainer:
+    """One run of an experiment.  All run state is created here (the counters that a checkpoint
+    saves) or in _setup() (the model, data, optimizer and logs, built when fit() starts); every
+    opened resource closes through fit()'s one ExitStack."""
+
     def __init__(self, cfg: RunConfig, experiment: Experiment, run_dir: Path, device: torch.device,
-                 observers: list | None = None, max_seconds: float | None = None, stop_at: int | None = None):
+                 callbacks: list[Callback] | None = None, max_seconds: float | None = None,
+                 stop_at: int | None = None):
         self.cfg = cfg
         self.exp = experiment
         self.run_dir = run_dir
         self.device = device
         self.precision = resolve_precision(cfg.train.precision, device)
-        self._signal: tuple[str, int] | None = None
-        self.pending_events: list[dict] = []  # events decided before the log opened (config changes)
-        # Observers (preflight's probe, health monitors) may define before_update(trainer),
-        # after_update(trainer) and on_row(trainer, row); none are called when there are none.
-        self.observers = list(observers or [])
+        self.callbacks = list(callbacks or [])
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"Trainer callbacks must be trainlab.Callback instances, got {type(cb).__name__}")
+        keys = [cb.key for cb in self.callbacks]
+        clash = sorted({k for k in keys if keys.count(k) > 1})
+        if clash:
+            raise TypeError(f"two callbacks share the checkpoint key {clash[0]!r}; give one a distinct `key`")
+        # each event's hooks, in the callbacks' order; events nobody overrides cost nothing per step
+        self._hooks = {event: [getattr(cb, event) for cb in self.callbacks if overrides(cb, event)]
+                       for event in EVENTS}
         self.max_seconds = max_seconds  # a time budget: the run ends early, as if at its last step
         self.stop_at = stop_at  # end after this step, schedules unchanged (train.steps still sets them)
+        self.pending_events: list[dict] = []  # events decided before the log opened (config changes)
+        # ---- the run's state: what a checkpoint saves and a resume restores (see _state/_restore)
+        self.step = 0
+        self.elapsed_before = 0.0
+        self.best_value: float | None = None
+        self.last_values: dict[str, float] = {}
+        self.interval = _Interval()
+        self.amp_skipped = torch.zeros((), device=device)
+        self.lr_scale = 1.0  # scaled down by rollbacks
+        self.rollbacks = 0
+        self.micro_split = 1  # doubled by each out-of-memory error
+        self.skipped_steps = 0  # steps not applied for a non-finite gradient (train.nonfinite=skip)
+        # ---- per attempt
+        # optim.lr_scale: the peak LR follows the model's width (the BitNet size study's LR-scaling follow-up)
+        self.base_lr = cfg.optim.lr * width_lr_factor(cfg.optim, experiment.width(cfg))
+        self.last_lr = self.base_lr
+        self.last_weight_decay = cfg.optim.weight_decay
         self.last_step_loss: torch.Tensor | None = None
+        self.last_row: dict[str, Any] = {}
+        self.result: RunResult | None = None
+        self._signal: tuple[str, int] | None = None
+        self._stop: StopRequest | None = None
+        self._rollback_request: dict | None = None
         self._t0 = self._last_log_t = time.monotonic()
         self._last_log_step = 0
 
     # ------------------------------------------------------------------ setup
-    def _setup(self) -> None:
+    def _setup(self, resources: contextlib.ExitStack) -> None:
+        """Model, data, optimizer and logs; each resource's close joins `resources`."""
         cfg, device = self.cfg, self.device
         if cfg.train.deterministic:
             if device.type == "cuda":
@@ -131,11 +179,18 @@ class Trainer:
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.run_dir)
+        resources.callback(self.events.close)
         self.arrays = EventLog(self.run_dir, ARRAYS_FILE)
+        resources.callback(self.arrays.close)
         # only experiments that draw samples get a samples.jsonl
         draws_samples = type(self.exp).samples is not Experiment.samples
         self.samples = EventLog(self.run_dir, SAMPLES_FILE) if draws_samples else None
+        if self.samples is not None:
+            resources.callback(self.samples.close)
         self.data = self.exp.build_data(cfg, device)
+        close = getattr(self.data, "close", None)  # a data stream with a producer process to stop
+        if callable(close):
+            resources.callback(close)
         attach = getattr(self.data, "attach", None)
         if callable(attach):  # a data stream may report events (a restarted producer, say)
             attach(self.events.write)
@@ -145,24 +200,10 @@ class Trainer:
         self.guard = MemoryGuard(cfg.memory, device)
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.ckpt.keep, self.events.write)
         self.attempt = 1 + sum(e.get("kind") in ("start", "resume") for e in read_events(self.events.path))
-        self.interval = _Interval()
-        self.step = 0
-        self.elapsed_before = 0.0
-        self.best_value: float | None = None
-        self.last_values: dict[str, float] = {}
-        self.amp_skipped = torch.zeros((), device=device)
-        # optim.lr_scale: the peak LR follows the model's width (seed 004's LR-scaling follow-up)
-        self.base_lr = cfg.optim.lr * width_lr_factor(cfg.optim, self.exp.width(cfg))
-        self.last_lr = self.base_lr
-        self.last_weight_decay = cfg.optim.weight_decay
-        self.lr_scale = 1.0  # scaled down by rollbacks
-        self.rollbacks = 0
-        self.micro_split = 1  # doubled by each out-of-memory error
-        self.skipped_steps = 0  # steps not applied for a non-finite gradient (train.nonfinite=skip)
-        self._stop_request: str | None = None
-        self._rollback_request: dict | None = None
-        self.monitor = HealthMonitor(cfg, self.exp.baseline_loss(cfg))
-        self._on_row.append(self.monitor.on_row)
+
+    def _fire(self, event: str, *args) -> None:
+        for hook in self._hooks[event]:
+            hook(self, *args)
 
     def _columns(self) -> list[str]:
         cfg = self.cfg
@@ -172,7 +213,7 @@ class Trainer:
         if cfg.schedule.two_stage_at > 0:
             cols += ["weight_decay"]  # switched off in stage 2
         if self.curriculum.enabled:
-            cols += [cfg.curriculum.name, "phase", "threshold", "gate_mean"]  # seed 002's column names
+            cols += [cfg.curriculum.name, "phase", "threshold", "gate_mean"]  # the SHA-256 curriculum's column names
         if self.precision == "fp16":
             cols += ["amp_scale", "amp_skipped"]
         if cfg.train.nonfinite == "skip":
@@ -192,7 +233,7 @@ class Trainer:
                                    "optim_lr": self.cfg.optim.lr, "peak_lr": self.base_lr})
             return
         self._restore(self.store.load(ckpt, self.model, self.device))
-        self.monitor.replay([r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step])
+        self._fire_resume("resume")
         self.events.write({"kind": "resume", "attempt": self.attempt, "step": self.step,
                            "checkpoint": str(ckpt.path), "device": str(self.device), "pid": os.getpid(),
                            "curriculum_phase": self.curriculum.phase if self.curriculum.enabled else None})
@@ -220,12 +261,29 @@ class Trainer:
         self.rollbacks = int(state.get("rollbacks", 0))
         self.micro_split = int(state.get("micro_split", 1))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.key in saved:
+                cb.load_state_dict(saved[cb.key])
 
-    # ------------------------------------------------------------------ health policies
-    def request_stop(self, reason: str) -> None:
-        self._stop_request = reason
+    def _fire_resume(self, kind: str) -> None:
+        """on_resume with the history up to the restored step (read only when someone listens)."""
+        if self._hooks["on_resume"]:
+            rows = [r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step]
+            self._fire("on_resume", rows, kind)
+
+    # ------------------------------------------------------------------ the door for stop and rollback
+    def request_stop(self, reason: str, checkpoint: bool = True) -> None:
+        """End the run after this step: a checkpoint first (unless `checkpoint` is False: the
+        weights may be broken), then TrainingStopped(reason) -- status.json "stopped", exit 1.
+        A request without a checkpoint wins over one with; otherwise the first reason stands."""
+        if self._stop is None or (self._stop.checkpoint and not checkpoint):
+            self._stop = StopRequest(reason, checkpoint)
 
     def request_rollback(self, alert: dict) -> None:
+        """Reload the newest checkpoint from before alert["evidence"]["onset_step"] (else
+        alert["step"]), scale the LR by health.rollback_lr_factor and go on; alert also names its
+        "detector" and "message".  After health.rollback_max rollbacks the run stops instead."""
         self._rollback_request = alert
 
     def _rollback(self, alert: dict) -> None:
@@ -247,8 +305,7 @@ class Trainer:
         self.rollbacks = rollbacks + 1
         self.lr_scale = lr_scale * health.rollback_lr_factor
         self._last_log_step = self.step  # the next row's interval starts at the restored step
-        self.monitor.reset()
-        self.monitor.replay([r for r in read_metrics(self.run_dir / METRICS_FILE) if r["step"] <= self.step])
+        self._fire_resume("rollback")
         self.events.write({"kind": "rollback", "step": self.step, "from_step": alert["step"],
                            "detector": alert["detector"], "checkpoint": str(ckpt.path), "lr_scale": self.lr_scale,
                            "rollback": self.rollbacks})
@@ -270,6 +327,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "micro_split": self.micro_split,
             "skipped_steps": self.skipped_steps,
+            "callbacks": {cb.key: state for cb in self.callbacks if (state := cb.state_dict())},
         }
 
     def _is_best(self) -> bool:
@@ -291,6 +349,7 @@ class Trainer:
         self.events.write({"kind": "checkpoint", "step": self.step, "path": str(path), "reason": reason,
                            "best": best})
         write_status(self.run_dir, "running", self.step, total_steps=self.cfg.train.steps)
+        self._fire("on_checkpoint", path, reason)
         return path
 
     # ------------------------------------------------------------------ signals
@@ -329,8 +388,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip, foreach=None)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads)
-        for hook in self._before_update:  # gradients are unscaled and clipped here
-            hook(self)
+        self._fire("on_before_update")  # gradients are unscaled and clipped here
         if cfg.train.nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):  # a host sync, skip mode only
             self.skipped_steps += 1
             self.events.write({"kind": "nonfinite_step_skipped", "step": self.step + 1,
@@ -345,8 +403,7 @@ class Trainer:
             self.amp_skipped += (~applied).float()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_step_loss = step_loss
-        for hook in self._after_update:
-            hook(self)
+        self._fire("on_after_update")
 
         self.interval.add("loss", step_loss)
         self.last_lr = lr
@@ -436,24 +493,14 @@ class Trainer:
         for k, v in out.items():
             if v.numel() > 1:
                 self._write_array(k, v, tag=tag, level=promotion["from_value"])
-        self._draw(out, f"{tag}-step{self.step}", f"phase {promotion['from_phase']} "
-                   f"({self.cfg.curriculum.name} {promotion['from_value']:g}), step {self.step}")
+        self._fire("on_evaluate", Evaluation(
+            "phase_end", self.step, out, f"{tag}-step{self.step}",
+            f"phase {promotion['from_phase']} ({self.cfg.curriculum.name} {promotion['from_value']:g}), "
+            f"step {self.step}", phase=promotion["from_phase"], level=promotion["from_value"]))
 
     def _write_array(self, name: str, value: torch.Tensor, **extra) -> None:
         self.arrays.write({"step": self.step, "name": name, **extra, "shape": list(value.shape),
                            "values": [round(x, 6) for x in value.detach().float().flatten().tolist()]})
-
-    def _draw(self, out: dict[str, torch.Tensor], tag: str, caption: str) -> None:
-        """2-D arrays the experiment names in `heatmaps` become SVG pictures in plots/."""
-        for name, view in self.exp.heatmaps.items():
-            value = out.get(name)
-            if value is None or value.dim() != 2:
-                continue
-            svg = svg_heatmap(value.detach().float().cpu().tolist(), f"{view.get('title', name)}: {caption}",
-                              view.get("rows"), view.get("cols"), view.get("lo", 0.0), view.get("hi", 1.0))
-            plots = self.run_dir / "plots"
-            plots.mkdir(exist_ok=True)
-            (plots / f"{name}-{tag}.svg").write_text(svg, encoding="utf-8")
 
     def _log_row(self, eval_metrics: dict[str, torch.Tensor], elapsed: float, dt: float, steps_in_dt: int) -> dict:
         """Build the row: the one host sync of this log interval."""
@@ -500,107 +547,124 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def fit(self) -> RunResult:
         cfg = self.cfg
-        self._before_update = [o.before_update for o in self.observers if hasattr(o, "before_update")]
-        self._after_update = [o.after_update for o in self.observers if hasattr(o, "after_update")]
-        self._on_row = [o.on_row for o in self.observers if hasattr(o, "on_row")]
-        self._setup()
-        self._resume()
-        for event in self.pending_events:
-            self.events.write({**event, "step": self.step})
         total = cfg.train.steps
-        metrics_log = MetricsLog(self.run_dir, self._columns())
-        if metrics_log.torn_tail:
-            self.events.write({"kind": "metrics_torn_row_removed", "text": metrics_log.torn_tail})
-        if metrics_log.dropped:
-            self.events.write({"kind": "columns_not_logged", "columns": sorted(metrics_log.dropped),
-                               "why": "metrics.csv keeps the header it was created with"})
-        tb = TensorBoardLog(self.run_dir) if cfg.log.tensorboard else None
-        label = f"{self.exp.name}-{cfg.preset}" if cfg.preset else self.exp.name
-        progress = Progress(cfg.log.progress, total, self.step, label, cfg.log.plain_interval_s)
-        write_status(self.run_dir, "running", self.step, total_steps=total, attempt=self.attempt)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        with contextlib.ExitStack() as resources:
+            self._setup(resources)
+            self._resume()
+            for event in self.pending_events:
+                self.events.write({**event, "step": self.step})
+            metrics_log = MetricsLog(self.run_dir, self._columns())
+            resources.callback(metrics_log.close)
+            if metrics_log.torn_tail:
+                self.events.write({"kind": "metrics_torn_row_removed", "text": metrics_log.torn_tail})
+            if metrics_log.dropped:
+                self.events.write({"kind": "columns_not_logged", "columns": sorted(metrics_log.dropped),
+                                   "why": "metrics.csv keeps the header it was created with"})
+            label = f"{self.exp.name}-{cfg.preset}" if cfg.preset else self.exp.name
+            progress = Progress(cfg.log.progress, total, self.step, label, cfg.log.plain_interval_s)
+            resources.callback(progress.close)
+            write_status(self.run_dir, "running", self.step, total_steps=total, attempt=self.attempt)
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            resources.callback(lambda: [signal.signal(s, handler) for s, handler in previous.items()])
+            self.last_row = dict(self.last_values)
+            state, reason, error = "finished", "", None
+            try:
+                self._fire("on_fit_start")
+                reason = self._loop(metrics_log, progress)
+            except TrainingStopped as exc:
+                state, reason, error = "stopped", str(exc), exc
+                raise
+            except Interrupted as exc:
+                state, reason, error = "stopped", f"{exc.signal_name}; checkpoint saved at step {self.step}", exc
+                raise
+            except KeyboardInterrupt as exc:  # a second signal before the first one's checkpoint: the user insists
+                first = self._signal[0] if self._signal is not None else "SIGINT"
+                state, reason, error = "stopped", (f"{first} twice: stopped at step {self.step} without a "
+                                                   "checkpoint; the last one saved stands"), exc
+                raise
+            except BaseException as exc:
+                state, reason, error = "crashed", f"{type(exc).__name__}: {exc}", exc
+                raise
+            finally:
+                progress.close()  # the bar's last line before anything a callback prints
+                self.events.write({"kind": {"finished": "finish"}.get(state, state), "step": self.step,
+                                   "reason": reason, "elapsed_s": round(self._elapsed(), 3)})
+                write_status(self.run_dir, state, self.step, total_steps=total, reason=reason,
+                             attempt=self.attempt)
+                self.result = RunResult(state, self.step, total, self.last_row, self._elapsed(), reason, error)
+                self._end_callbacks(self.result)
+        return self.result
+
+    def _loop(self, metrics_log: MetricsLog, progress: Progress) -> str:
+        """Steps until train.steps (or stop_at, or the time budget); returns why it ended early
+        ("" when it reached train.steps).  A stop raises."""
+        cfg = self.cfg
+        total = cfg.train.steps
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._t0 = self._last_log_t = time.monotonic()
         self._last_log_step = self.step
-        row: dict[str, Any] = dict(self.last_values)
-        state, reason = "finished", ""
-        try:
-            while self.step < total or self._rollback_request is not None:
-                if self._rollback_request is not None:
-                    alert, self._rollback_request = self._rollback_request, None
-                    self._rollback(alert)
-                self._train_step(params)
-                out_of_time = ((self.max_seconds is not None and time.monotonic() - self._t0 >= self.max_seconds)
-                               or self.step == self.stop_at)
-                is_last = self.step == total or out_of_time
-                do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
-                eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
-                if do_eval:
-                    self._write_samples()
-                if is_last and eval_metrics:
-                    self._draw(eval_metrics, f"final-step{self.step}", f"end of run, step {self.step}")
-                if self.step % cfg.log.every == 0 or is_last or do_eval:
-                    row = self._log_step(eval_metrics, is_last, metrics_log, tb, progress)
-                self._stop_if_asked()
-                if self._rollback_request is not None:
-                    continue  # never checkpoint the state a rollback is about to discard
-                if is_last or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
-                    self._checkpoint(self._elapsed(), "final" if is_last else "periodic")
-                if out_of_time:
-                    reason = (f"stopped at step {self.step} as asked" if self.step == self.stop_at else
-                              f"time budget of {self.max_seconds:g} s reached at step {self.step}")
-                    break
-        except TrainingStopped as exc:
-            state, reason = "stopped", str(exc)
-            raise
-        except Interrupted as exc:
-            state, reason = "stopped", f"{exc.signal_name}; checkpoint saved at step {self.step}"
-            raise
-        except KeyboardInterrupt:  # a second signal before the first one's checkpoint: the user insists
-            first = self._signal[0] if self._signal is not None else "SIGINT"
-            state, reason = "stopped", (f"{first} twice: stopped at step {self.step} without a checkpoint; "
-                                        "the last one saved stands")
-            raise
-        except BaseException as exc:
-            state, reason = "crashed", f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            progress.close()
-            self.events.write({"kind": {"finished": "finish"}.get(state, state), "step": self.step,
-                               "reason": reason, "elapsed_s": round(self._elapsed(), 3)})
-            write_status(self.run_dir, state, self.step, total_steps=total, reason=reason,
-                         attempt=self.attempt)
-            metrics_log.close()
-            self.events.close()
-            self.arrays.close()
-            if self.samples is not None:
-                self.samples.close()
-            if tb:
-                tb.close()
-            close = getattr(self.data, "close", None)
-            if callable(close):
-                close()
-        return RunResult("finished", self.step, total, row, self._elapsed())
+        while self.step < total or self._rollback_request is not None:
+            if self._rollback_request is not None:
+                alert, self._rollback_request = self._rollback_request, None
+                self._rollback(alert)
+            self._train_step(params)
+            out_of_time = ((self.max_seconds is not None and time.monotonic() - self._t0 >= self.max_seconds)
+                           or self.step == self.stop_at)
+            is_last = self.step == total or out_of_time
+            do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
+            eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
+            if do_eval:
+                self._write_samples()
+                final = is_last and cfg.eval.at_end
+                self._fire("on_evaluate", Evaluation(
+                    "final" if final else "periodic", self.step, eval_metrics,
+                    f"final-step{self.step}" if final else f"step{self.step}",
+                    f"end of run, step {self.step}" if final else f"step {self.step}",
+                    level=self.curriculum.level if self.curriculum.enabled else None))
+            if self.step % cfg.log.every == 0 or is_last or do_eval:
+                self.last_row = self._log_step(eval_metrics, is_last, metrics_log, progress)
+            self._stop_if_asked()
+            if self._rollback_request is not None:
+                continue  # never checkpoint the state a rollback is about to discard
+            if is_last or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
+                self._checkpoint(self._elapsed(), "final" if is_last else "periodic")
+            if out_of_time:
+                return (f"stopped at step {self.step} as asked" if self.step == self.stop_at else
+                        f"time budget of {self.max_seconds:g} s reached at step {self.step}")
+        return ""
+
+    def _end_callbacks(self, result: RunResult) -> None:
+        """on_fit_end for every callback, even when one of them fails: a tracker must close its run
+        whatever the report writer did.  A failure is logged; it is raised (after all ran) only when
+        the run itself succeeded -- never in place of the run's own error."""
+        failure = None
+        for hook in self._hooks["on_fit_end"]:
+            try:
+                hook(self, result)
+            except Exception as exc:  # noqa: BLE001 -- see the docstring
+                failure = failure or exc
+                self.events.write({"kind": "callback_failed", "event": "on_fit_end", "step": self.step,
+                                   "callback": type(getattr(hook, "__self__", hook)).__name__,
+                                   "error": f"{type(exc).__name__}: {exc}"})
+        if failure is not None and result.error is None:
+            raise failure
 
     def _elapsed(self) -> float:
         """Training seconds over all attempts."""
         return self.elapsed_before + time.monotonic() - self._t0
 
-    def _log_step(self, eval_metrics: dict, is_last: bool, metrics_log: MetricsLog, tb, progress: Progress) -> dict:
+    def _log_step(self, eval_metrics: dict, is_last: bool, metrics_log: MetricsLog, progress: Progress) -> dict:
         """The log step: the row (one host sync), its consumers, and the decisions made on it."""
         now = time.monotonic()
         first_step = self._last_log_step + 1
         row = self._log_row(eval_metrics, self._elapsed(), now - self._last_log_t, self.step - self._last_log_step)
         self._last_log_t, self._last_log_step = now, self.step
         metrics_log.write(row)
-        if tb:
-            tb.write(self.step, row)
         progress.update(self.step, row, _steps_per_s(row, self.exp, self.cfg), final=is_last)
-        for hook in self._on_row:
-            hook(self, row)
+        self._fire("on_log_row", row)
         self._check_finite(row, first_step)
+        if self._stop is not None and not self._stop.checkpoint:
+            return row  # broken weights: no promotion, no phase-end evaluation
         promotion = self.curriculum.maybe_promote(self.step)
         if promotion:
             self.events.write(promotion)
@@ -609,15 +673,18 @@ class Trainer:
         return row
 
     def _stop_if_asked(self) -> None:
-        """A health policy, the memory guard or a signal ends the run here, after a checkpoint."""
-        if self._stop_request is not None:
-            path = self._checkpoint(self._elapsed(), "health policy")
-            raise TrainingStopped(f"{self._stop_request}; checkpoint saved to {path}")
-        if self.guard.watching and self.step % self.cfg.memory.every == 0:
+        """A stop request (a callback, train.nonfinite, the memory guard) or a signal ends the run
+        here, after a checkpoint where the weights can be trusted."""
+        if self._stop is None and self.guard.watching and self.step % self.cfg.memory.every == 0:
             problem = self.guard.check(self.events.write)
             if problem:
-                path = self._checkpoint(self._elapsed(), "memory guard")
-                raise TrainingStopped(f"memory guard: {problem} at step {self.step}; checkpoint saved to {path}")
+                self.request_stop(f"memory guard: {problem} at step {self.step}")
+        if self._stop is not None:
+            request, self._stop = self._stop, None
+            if not request.checkpoint:
+                raise TrainingStopped(request.reason)
+            path = self._checkpoint(self._elapsed(), request.reason.partition(":")[0] or "stop request")
+            raise TrainingStopped(f"{request.reason}; checkpoint saved to {path}")
         if self._signal is not None:
             name, code = self._signal
             self._checkpoint(self._elapsed(), name)
@@ -637,8 +704,9 @@ class Trainer:
         # checkpoints written inside the broken interval may hold broken weights: set them aside
         self.store.set_aside_from(first_step, f"saved inside the non-finite interval {first_step}-{self.step}")
         if policy == "stop":
-            raise TrainingStopped(f"non-finite {detail} in the log interval {first_step}-{self.step}; "
-                                  "no checkpoint from that interval is kept (train.nonfinite=stop)")
+            self.request_stop(f"non-finite {detail} in the log interval {first_step}-{self.step}; "
+                              "no checkpoint from that interval is kept (train.nonfinite=stop)", checkpoint=False)
+            return
         self.request_rollback({"detector": "nonfinite", "step": self.step, "message": f"non-finite {detail}",
                                "evidence": {"onset_step": first_step}})
 

@@ -5,33 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from trainlab import config as config_mod
 from trainlab.engine.checkpoint import write_atomic
 from trainlab.engine.logs import METRICS_FILE, read_metrics
-from trainlab.errors import UsageError, brief
+from trainlab.engine.rundir import CONFIG_FILE, read_run_config
+from trainlab.errors import UsageError
 from trainlab.experiment import get_experiment
+from trainlab.formatting import format_number
+from trainlab.health.claims import Claim
 from trainlab.health.detectors import DETECTORS, policy_of, run_offline
-from trainlab.report.render import Claim, read_run_file
+from trainlab.report.run import read_run_file
 
 SEVERITY_VERDICT = {"critical": "fail", "warn": "warn", "info": "info"}
 
 
 def load_run(run_dir: Path):
     """(experiment, config, rows) of a run directory, or UsageError naming what is missing."""
-    config_path = run_dir / "config.yaml"
     if not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir}: not found")
-    if not (run_dir / METRICS_FILE).is_file() or not config_path.is_file():
+    if not (run_dir / METRICS_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise UsageError(f"run directory {run_dir}: needs config.yaml and metrics.csv (not a trainlab run?)")
-    try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"run directory {run_dir}: config.yaml is unreadable ({brief(exc)})") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"run directory {run_dir}: config.yaml is malformed ({brief(exc)})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
+    data = read_run_config(run_dir)
+    if data is None or not isinstance(data.get("experiment"), str):
         raise UsageError(f"run directory {run_dir}: config.yaml has no 'experiment' key")
     experiment = get_experiment(data["experiment"])
     cfg = config_mod.build_saved(experiment, data)
@@ -67,8 +62,7 @@ def check_run(run_dir: Path) -> tuple[list[dict], list[Claim]]:
         elif mine:
             first = mine[0]
             more = f" (+{len(mine) - 1} more)" if len(mine) > 1 else ""
-            evidence = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in first["evidence"].items())
+            evidence = ", ".join(f"{k}={format_number(v)}" for k, v in first["evidence"].items())
             claims.append(Claim(cls.name, SEVERITY_VERDICT[first["severity"]], f"step {first['step']}: "
                                 f"{first['message']}{more}", evidence, where))
         elif not checked.get(cls.name):
@@ -80,7 +74,7 @@ def check_run(run_dir: Path) -> tuple[list[dict], list[Claim]]:
             best = {m: max((r[m] for r in rows if isinstance(r.get(m), (int, float))), default=None)
                     for m in (h.grok_train_metric, h.grok_val_metric)}
             claims.append(Claim(cls.name, "info", "not observed: best " + ", ".join(
-                f"{m} {v:.4g}" if v is not None else f"{m} -" for m, v in best.items()),
+                f"{m} {format_number(v)}" for m, v in best.items()),
                 f"memorisation at {h.grok_train_metric} >= {h.grok_train_level:g}, generalisation at "
                 f"{h.grok_val_metric} >= {h.grok_val_level:g}", where))
         else:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from trainlab.config import HealthConfig
+from trainlab.formatting import format_number
 from trainlab.health import stats
 
 
@@ -28,10 +29,6 @@ def _num(row: dict, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
 
 
 class Detector:
@@ -156,8 +153,8 @@ class Divergence(LossWindowDetector):
         # one alert per episode: it re-arms once the loss sets a new best or falls significantly again
         cleared = len(self.since_best) == 1 or (trend is not None and trend.trend == "decreasing")
         return self.edge(step, rising or back_above,
-                         f"divergence ({why}): loss {_fmt(shown[0])} -> {_fmt(shown[-1])} over {len(shown)} rows, "
-                         f"best {_fmt(self.best)} at step {self.best_step}, baseline {_fmt(self.baseline)}",
+                         f"divergence ({why}): loss {format_number(shown[0])} -> {format_number(shown[-1])} over {len(shown)} rows, "
+                         f"best {format_number(self.best)} at step {self.best_step}, baseline {format_number(self.baseline)}",
                          clear=cleared, p_value=None if test is None else test.p_value,
                          sen_slope=None if test is None else test.sen_slope,
                          window_mean=None if level is None else level.mean,
@@ -217,8 +214,8 @@ class Spike(Detector):
             spike = (jump.z > self.cfg.spike_z and (median <= 0 or loss > self.cfg.spike_ratio * median)
                      and loss - median > floor)
             ratio = loss / median if median > 0 else math.inf
-            out = self.edge(step, spike, f"loss spike: {_fmt(loss)} vs recent median {_fmt(median)} "
-                                         f"(x{_fmt(ratio)}, {_fmt(jump.z)} sigma of the row-to-row noise"
+            out = self.edge(step, spike, f"loss spike: {format_number(loss)} vs recent median {format_number(median)} "
+                                         f"(x{format_number(ratio)}, {format_number(jump.z)} sigma of the row-to-row noise"
                                          f"{' on log scale' if log_scale else ''})",
                             z=jump.z, median=median, value=loss, ratio=ratio, noise=jump.scale, log_scale=log_scale)
         self.history.append(loss)
@@ -245,7 +242,7 @@ class Plateau(LossWindowDetector):
         # a plateau ends with a significant decrease that also improves by the minimum
         moving = trend.trend == "decreasing" and improvement >= self.cfg.plateau_min_improvement
         return self.edge(step, flat, f"plateau: {len(window)} rows without significant improvement "
-                                     f"({_fmt(100 * improvement)} %, Mann-Kendall p={_fmt(trend.p_value)})",
+                                     f"({format_number(100 * improvement)} %, Mann-Kendall p={format_number(trend.p_value)})",
                          clear=moving, improvement=improvement, p_value=trend.p_value, first=first, last=last)
 
 
@@ -261,7 +258,7 @@ STUCK_TOLERANCE = 0.05  # "at the baseline" means a mean within 5 % below it, or
 class StuckAtBaseline(LossWindowDetector):
     """After warm-up, the loss is no better than the random guess: its level over the window is
     not significantly below the baseline, within 5 % of it or above, and without a significant
-    trend (seed 000's "loss stuck at 0.6931"; an untrained network often sits a little above ln V)."""
+    trend (the StegaStamp readiness report's "loss stuck at 0.6931"; an untrained network often sits a little above ln V)."""
 
     name, severity = "stuck", "critical"
 
@@ -281,16 +278,16 @@ class StuckAtBaseline(LossWindowDetector):
                  and first - last <= STUCK_TOLERANCE * abs(self.baseline))
         where = "at" if level.indistinguishable else "above"
         return self.edge(step, stuck,
-                         f"no better than the random guess: loss {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, "
-                         f"{_fmt(level.ci[1])}] {where} the baseline {_fmt(self.baseline)}, not falling "
-                         f"(Mann-Kendall p={_fmt(trend.p_value)})",
+                         f"no better than the random guess: loss {format_number(level.mean)} CI [{format_number(level.ci[0])}, "
+                         f"{format_number(level.ci[1])}] {where} the baseline {format_number(self.baseline)}, not falling "
+                         f"(Mann-Kendall p={format_number(trend.p_value)})",
                          clear=level.below, mean=level.mean, ci=list(level.ci), baseline=self.baseline,
                          p_value=trend.p_value)
 
 
 class Collapse(Detector):
-    """Few distinct predictions (collapse_metric < collapse_min, seed 004), an effective rank
-    falling below rank_drop x its maximum (RankMe), or a metric leaving its bounds (seed 000)."""
+    """Few distinct predictions (collapse_metric < collapse_min, the BitNet size study), an effective rank
+    falling below rank_drop x its maximum (RankMe), or a metric leaving its bounds (the StegaStamp readiness report)."""
 
     name, severity = "collapse", "critical"
 
@@ -310,23 +307,23 @@ class Collapse(Detector):
         cfg = self.cfg
         if cfg.collapse_metric and (v := _num(row, cfg.collapse_metric)) is not None:
             out += self._edge(cfg.collapse_metric, step, v < cfg.collapse_min,
-                              f"collapse: {cfg.collapse_metric} = {_fmt(v)} < {_fmt(cfg.collapse_min)}", value=v)
+                              f"collapse: {cfg.collapse_metric} = {format_number(v)} < {format_number(cfg.collapse_min)}", value=v)
         if cfg.rank_metric and (v := _num(row, cfg.rank_metric)) is not None:
             self.rank_max = max(self.rank_max, v)
             out += self._edge(cfg.rank_metric, step, v < cfg.rank_drop * self.rank_max,
-                              f"collapse: {cfg.rank_metric} = {_fmt(v)} fell below {cfg.rank_drop:g} x its maximum "
-                              f"{_fmt(self.rank_max)}", value=v, maximum=self.rank_max)
+                              f"collapse: {cfg.rank_metric} = {format_number(v)} fell below {cfg.rank_drop:g} x its maximum "
+                              f"{format_number(self.rank_max)}", value=v, maximum=self.rank_max)
         for key, (lo, hi) in cfg.bounds.items():
             if (v := _num(row, key)) is not None:
                 out += self._edge(key, step, not lo <= v <= hi,
-                                  f"out of bounds: {key} = {_fmt(v)} outside [{_fmt(lo)}, {_fmt(hi)}]", value=v,
+                                  f"out of bounds: {key} = {format_number(v)} outside [{format_number(lo)}, {format_number(hi)}]", value=v,
                                   bounds=[lo, hi])
         return out
 
 
 class Grokking(Detector):
     """Memorisation (train accuracy >= grok_train_level) while validation lags, then generalisation
-    (validation accuracy >= grok_val_level): reports both steps and the gap (seed 003 asks for this)."""
+    (validation accuracy >= grok_val_level): reports both steps and the gap (the ternary VAE audit asks for this)."""
 
     name, severity = "grokking", "info"
 
@@ -388,8 +385,8 @@ class GradRegime(Detector):
         if max(ratio, 1 / ratio) < self.cfg.grad_regime_ratio:
             return []
         self.cooldown = self.norms.maxlen  # one alert per regime change
-        return [self.alert(step, f"gradient-norm regime change: level x{_fmt(ratio)} "
-                                 f"({_fmt(math.exp(cp.mean_before))} -> {_fmt(math.exp(cp.mean_after))}) "
+        return [self.alert(step, f"gradient-norm regime change: level x{format_number(ratio)} "
+                                 f"({format_number(math.exp(cp.mean_before))} -> {format_number(math.exp(cp.mean_after))}) "
                                  f"{len(self.norms) - cp.index} rows ago", ratio=ratio, llr=cp.llr)]
 
 

@@ -1,11 +1,11 @@
-"""The verdicts saved in a run directory (preflight.json, check.json), as report claims."""
+"""The verdicts saved in a run directory (preflight.json, check.json), as claims again."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from trainlab.report.render import Claim
+from trainlab.health.claims import Claim
 
 SOURCES = ("preflight.json", "check.json")
 FIELDS = ("name", "verdict", "value", "evidence", "source")

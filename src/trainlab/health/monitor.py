@@ -8,10 +8,15 @@ any better, and the trainer must stop before it writes a checkpoint of broken we
 from __future__ import annotations
 
 from trainlab.config import RunConfig
+from trainlab.engine.callbacks import Callback
 from trainlab.health.detectors import build_detectors, policy_of
 
 
-class HealthMonitor:
+class HealthMonitor(Callback):
+    """The live detectors as a callback.  Their state is not saved in the checkpoint: it is a
+    function of the metric rows, so a resume or a rollback replays the rows up to the restored step
+    (the same rows, so the same state, and no alert is written twice)."""
+
     def __init__(self, cfg: RunConfig, baseline: float):
         self.cfg = cfg
         self.baseline = baseline
@@ -27,7 +32,12 @@ class HealthMonitor:
             for d in self.detectors:
                 d.update(row["step"], row)
 
-    def on_row(self, trainer, row: dict) -> None:
+    def on_resume(self, trainer, rows: list[dict], kind: str) -> None:
+        if kind == "rollback":
+            self.reset()
+        self.replay(rows)
+
+    def on_log_row(self, trainer, row: dict) -> None:
         for d in self.detectors:
             for alert in d.update(row["step"], row):
                 policy = policy_of(self.cfg.health, d.name)

@@ -33,13 +33,17 @@ import psutil
 import torch
 
 from trainlab.config import RunConfig
+from trainlab.engine.callbacks import Callback
 from trainlab.engine.checkpoint import step_dir_name
 from trainlab.engine.logs import read_metrics
 from trainlab.engine.trainer import Trainer
 from trainlab.errors import TrainingStopped
 from trainlab.experiment import Experiment
+from trainlab.formatting import format_number
 from trainlab.health import stats
-from trainlab.report.render import Claim, write_report
+from trainlab.health.claims import Claim
+from trainlab.launch import run_watchers
+from trainlab.report.render import write_report
 
 # Update-to-weight ratio per step that counts as sane.  Around 1e-3 is the usual rule of thumb for
 # Adam-type optimizers; far below, a layer does not move; far above, it is being rewritten each step.
@@ -47,23 +51,19 @@ RATIO_BAND = (1e-6, 1e-1)
 WARMUP_FRACTION = 0.2  # rows ignored at the start for trend and speed (warm-up, allocator, LR ramp)
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return str(x)
-    return f"{x:.{digits}g}"
+class StepLossRecorder(Callback):
+    """Every step's loss (a host sync per step: preflight only)."""
 
-
-class StepLossRecorder:
     def __init__(self):
         self.step_losses: dict[int, float] = {}
 
-    def after_update(self, trainer) -> None:
-        # the step counter is incremented after the observers run: trainer.step is this step's index
+    def on_after_update(self, trainer) -> None:
+        # the step counter is incremented after the update events: trainer.step is this step's index
         self.step_losses[trainer.step + 1] = float(trainer.last_step_loss)
 
 
 class GradientProbe(StepLossRecorder):
-    """Trainer observer: per-parameter gradient presence and update-to-weight ratios, every
+    """A callback: per-parameter gradient presence and update-to-weight ratios, every
     `every`-th step, and every step's loss (preflight only: it syncs with the host each step,
     which a normal run never does)."""
 
@@ -79,7 +79,7 @@ class GradientProbe(StepLossRecorder):
     def _params(self, trainer):
         return [(self.names[id(p)], p) for p in trainer.model.parameters() if id(p) in self.names]
 
-    def before_update(self, trainer) -> None:
+    def on_before_update(self, trainer) -> None:
         if not self.names:  # the model exists once the trainer has set up
             self.names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
             self.grad_seen = {n: 0 for n in self.names.values()}
@@ -92,8 +92,8 @@ class GradientProbe(StepLossRecorder):
                 self.grad_seen[name] += 1
             self._before[name] = p.detach().clone()
 
-    def after_update(self, trainer) -> None:
-        super().after_update(trainer)
+    def on_after_update(self, trainer) -> None:
+        super().on_after_update(trainer)
         if not self._before:
             return
         for name, p in self._params(trainer):
@@ -146,22 +146,22 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> t
     last_q = statistics.fmean(series[-max(1, len(series) // 4):])
     first_step, last_step = points[skip][0], points[-1][0]
     where = f"metrics.csv rows {first_step}-{last_step} ({len(series)} rows)"
-    evidence = (f"Mann-Kendall (Hamed-Rao corrected) p={_fmt(trend.p_value, 3)}, Sen slope "
-                f"{_fmt(trend.sen_slope, 3)}/row, CI [{_fmt(trend.slope_ci[0], 3)}, {_fmt(trend.slope_ci[1], 3)}]; "
-                f"late-half mean {_fmt(level.mean)} CI [{_fmt(level.ci[0])}, {_fmt(level.ci[1])}] vs baseline "
-                f"{_fmt(baseline)} (batch means, {level.n_batches} batches)")
+    evidence = (f"Mann-Kendall (Hamed-Rao corrected) p={format_number(trend.p_value, 3)}, Sen slope "
+                f"{format_number(trend.sen_slope, 3)}/row, CI [{format_number(trend.slope_ci[0], 3)}, {format_number(trend.slope_ci[1], 3)}]; "
+                f"late-half mean {format_number(level.mean)} CI [{format_number(level.ci[0])}, {format_number(level.ci[1])}] vs baseline "
+                f"{format_number(baseline)} (batch means, {level.n_batches} batches)")
     details = {"p_value": trend.p_value, "sen_slope": trend.sen_slope, "slope_ci": list(trend.slope_ci),
                "mean": level.mean, "mean_ci": list(level.ci), "baseline": baseline,
                "first_quarter_mean": first_q, "last_quarter_mean": last_q}
     if trend.trend == "increasing" and last_q > first_q:
-        return Claim("learning signal", "fail", f"diverging: loss {_fmt(first_q)} -> {_fmt(last_q)}", evidence, where), \
+        return Claim("learning signal", "fail", f"diverging: loss {format_number(first_q)} -> {format_number(last_q)}", evidence, where), \
             "diverging", details
     if trend.trend == "decreasing":
         note = "below the baseline" if level.below else ("at the baseline" if level.indistinguishable else "above the baseline")
-        return Claim("learning signal", "pass", f"learning: loss {_fmt(first_q)} -> {_fmt(last_q)}, {note}",
+        return Claim("learning signal", "pass", f"learning: loss {format_number(first_q)} -> {format_number(last_q)}, {note}",
                      evidence, where), "learning", details
     if level.below:
-        return Claim("learning signal", "pass", f"flat below the baseline: loss {_fmt(level.mean)} < {_fmt(baseline)}",
+        return Claim("learning signal", "pass", f"flat below the baseline: loss {format_number(level.mean)} < {format_number(baseline)}",
                      evidence, where), "flat below baseline", details
     more = stats.steps_to_resolve(trend, len(series), alpha=alpha)
     step_per_row = (last_step - first_step) / max(len(series) - 1, 1)
@@ -170,8 +170,8 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> t
     if not level.below and (trend.sen_slope >= 0 or level.above):
         # no significant fall, and no better than a random guess: nothing is being learned
         where_level = "at" if level.indistinguishable else "above"
-        return Claim("learning signal", "fail", f"not learning: loss {_fmt(level.mean)} {where_level} the baseline "
-                     f"{_fmt(baseline)}, no significant trend{hint}", evidence, where), "not learning", details
+        return Claim("learning signal", "fail", f"not learning: loss {format_number(level.mean)} {where_level} the baseline "
+                     f"{format_number(baseline)}, no significant trend{hint}", evidence, where), "not learning", details
     extra = f"about {int(more * step_per_row)} more steps would tell" if more else "no trend at all"
     return Claim("learning signal", "warn", f"too noisy to tell ({extra})", evidence, where), "too noisy", details
 
@@ -185,7 +185,8 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
 
     # ---- the run -------------------------------------------------------------------------
     probe = GradientProbe(max(1, steps // 20))
-    trainer = Trainer(pre, experiment, run_dir, device, observers=[probe], max_seconds=max_seconds)
+    trainer = Trainer(pre, experiment, run_dir, device, callbacks=[probe, *run_watchers(pre, experiment, run_dir)],
+                      max_seconds=max_seconds)
     stopped = None
     t0 = time.monotonic()
     try:
@@ -226,8 +227,8 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         spread = max(late) / med if med > 0 else float("inf")
         cv = statistics.pstdev(late) / statistics.fmean(late) if statistics.fmean(late) > 0 else float("inf")
         verdict = "pass" if spread < 10 else "warn"
-        claims.append(Claim("gradient norm stable", verdict, f"median {_fmt(med)}, max/median {_fmt(spread, 3)}, "
-                            f"CV {_fmt(cv, 3)}", "grad_norm after warm-up; warn when max/median >= 10",
+        claims.append(Claim("gradient norm stable", verdict, f"median {format_number(med)}, max/median {format_number(spread, 3)}, "
+                            f"CV {format_number(cv, 3)}", "grad_norm after warm-up; warn when max/median >= 10",
                             "metrics.csv"))
         if verdict == "warn":
             warns.append("unstable gradient norm")
@@ -264,8 +265,8 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         dev_limit = cfg.memory.device_ceiling_gb or total_dev
         ok = peak_dev < 0.9 * dev_limit
         claims.append(Claim("device memory", "pass" if ok else "fail",
-                            f"peak {_fmt(peak_dev, 3)} GB of {_fmt(dev_limit, 3)} GB, headroom "
-                            f"{_fmt(100 * (1 - peak_dev / dev_limit), 3)} %", "torch.cuda.max_memory_allocated",
+                            f"peak {format_number(peak_dev, 3)} GB of {format_number(dev_limit, 3)} GB, headroom "
+                            f"{format_number(100 * (1 - peak_dev / dev_limit), 3)} %", "torch.cuda.max_memory_allocated",
                             "metrics.csv peak_dev_mem_gb"))
         if not ok:
             fails.append("device memory does not fit")
@@ -281,8 +282,8 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         rate = statistics.median(rates)
         steps_per_s = rate / per_step
         eta_h = planned_steps / steps_per_s / 3600 if steps_per_s > 0 else float("inf")
-        claims.append(Claim("speed", "info", f"{_fmt(steps_per_s, 3)} steps/s, {_fmt(rate, 3)} "
-                            f"{experiment.throughput_unit}/s; ETA for {planned_steps} steps: {_fmt(eta_h, 3)} h",
+        claims.append(Claim("speed", "info", f"{format_number(steps_per_s, 3)} steps/s, {format_number(rate, 3)} "
+                            f"{experiment.throughput_unit}/s; ETA for {planned_steps} steps: {format_number(eta_h, 3)} h",
                             f"median over log intervals after the first {int(WARMUP_FRACTION * 100)} % of rows, "
                             f"on {device.type}", "metrics.csv " + unit))
         learn["steps_per_s"] = steps_per_s
@@ -299,10 +300,10 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
                              lower_bound=experiment.loss_lower_bound)
         best = max(proj.families, key=lambda k: proj.families[k][3])
         claims.append(Claim("projection (not a measurement)", "info",
-                            f"loss at step {planned_steps}: {_fmt(proj.value)} [{_fmt(proj.interval[0])}, "
-                            f"{_fmt(proj.interval[1])}] (90 % bootstrap interval)",
+                            f"loss at step {planned_steps}: {format_number(proj.value)} [{format_number(proj.interval[0])}, "
+                            f"{format_number(proj.interval[1])}] (90 % bootstrap interval)",
                             f"AIC-weighted ensemble of power/exp/log fits, heaviest {best}; extrapolates "
-                            f"{_fmt(proj.extrapolation_ratio, 3)}x beyond the last measured step", "metrics.csv loss"))
+                            f"{format_number(proj.extrapolation_ratio, 3)}x beyond the last measured step", "metrics.csv loss"))
         learn["projection"] = {"value": proj.value, "interval": list(proj.interval)}
     else:
         claims.append(Claim("projection (not a measurement)", "not measured",
@@ -362,7 +363,7 @@ def _update_ratio_claim(ratios: dict[str, list[float]]) -> tuple[Claim | None, s
     outside = {n: r for n, r in medians.items() if not RATIO_BAND[0] <= r <= RATIO_BAND[1]}
     lo_name = min(medians, key=medians.get)
     hi_name = max(medians, key=medians.get)
-    value = (f"median per layer from {_fmt(medians[lo_name], 2)} ({lo_name}) to {_fmt(medians[hi_name], 2)} "
+    value = (f"median per layer from {format_number(medians[lo_name], 2)} ({lo_name}) to {format_number(medians[hi_name], 2)} "
              f"({hi_name}); {len(outside)} of {len(medians)} outside [{RATIO_BAND[0]:g}, {RATIO_BAND[1]:g}]")
     claim = Claim("update/weight ratio", "warn" if outside else "pass", value,
                   "||w_after - w_before|| / ||w_before|| per parameter, median over probed steps", "preflight probe")
@@ -375,9 +376,9 @@ def _host_memory_claim(peak_gb: float, memory, machine_total_gb: float, micro_ba
     limit = memory.host_ceiling_gb or machine_total_gb
     fits = peak_gb < 0.9 * limit
     return Claim("host memory", "pass" if fits else "fail",
-                 f"peak {_fmt(peak_gb, 3)} GB of {_fmt(limit, 3)} GB "
+                 f"peak {format_number(peak_gb, 3)} GB of {format_number(limit, 3)} GB "
                  f"({'ceiling' if memory.host_ceiling_gb else 'machine total'}), headroom "
-                 f"{_fmt(100 * (1 - peak_gb / limit), 3)} %",
+                 f"{format_number(100 * (1 - peak_gb / limit), 3)} %",
                  f"RSS ({memory.host_measure}) polled every {memory.every} steps and at log steps, "
                  f"at the planned micro-batch {micro_batch}", "metrics.csv peak_ram_gb")
 
@@ -401,7 +402,8 @@ def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, 
     recorder = StepLossRecorder()
     stopped = ""
     try:
-        Trainer(again, experiment, check_dir, device, observers=[recorder], stop_at=mid + 2).fit()
+        Trainer(again, experiment, check_dir, device, callbacks=[recorder, *run_watchers(again, experiment, check_dir)],
+                stop_at=mid + 2).fit()
     except TrainingStopped as exc:
         # the reloaded run meets the same stop as the run when a policy fires at step mid + 2; the
         # stop comes after that step's loss is recorded, so the comparison still stands

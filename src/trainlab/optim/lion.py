@@ -5,7 +5,7 @@
     m <- beta2 * m + (1 - beta2) * g
 
 Written here rather than taken from lion-pytorch because we need the momentum buffer stored in
-bf16 (seed 002's memory saving) with the arithmetic done in fp32, which lion-pytorch does not offer.
+bf16 (the SHA-256 curriculum's memory saving) with the arithmetic done in fp32, which lion-pytorch does not offer.
 """
 
 from __future__ import annotations

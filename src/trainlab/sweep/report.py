@@ -1,16 +1,17 @@
-"""The sweep report: seed 004's table, overlaid curves, final loss against size with a fitted power
-law, and a conclusion reached by explicit rules, each printing the numbers it used.
+"""The sweep report: the BitNet size study's table, overlaid curves, final loss against size with a
+fitted power law, and a conclusion reached by explicit rules, each printing the numbers it used.
 
 Sizes are parameter counts without embedding tables (Kaplan et al. 2020 count those), read from each
 point's start event.  Points are grouped by the grid keys outside `model.*` (an LR grid, say), and
 the size rules and the fit run within each group.
 
-The rules mirror seed 004's decision tree, on the collapse metric (distinct argmax predictions over a
-fixed validation batch) at the last evaluation of each point:
-  collapsed   value < health.collapse_min (seed 004: 10)
+The rules mirror the BitNet size study's decision tree, on the collapse metric (distinct argmax
+predictions over a fixed validation batch) at the last evaluation of each point:
+  collapsed   value < health.collapse_min (the BitNet size study: 10)
   diverse     value >= the diverse threshold: --diverse-above, else half the distinct true next
               tokens in the same batch (measured; a byte model cannot predict more kinds of token
-              than the text holds, so seed 004's "> 100 tokens" of a large vocabulary is relative here)
+              than the text holds, so the BitNet size study's "> 100 tokens" of a large vocabulary
+              is relative here)
   1. every size diverse                  -> "no size collapses" (scaling fixes it from the smallest)
   2. the diverse sizes are all sizes >= X -> "scaling fixes it from size X"
   3. no size diverse                     -> "no size stays diverse: LR is the lever" (next: lr_scale)
@@ -30,13 +31,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainlab.report.render import _Figure, _Heading, _load_run, _Para, _Table, _to_html, _to_markdown
-from trainlab.report.svgplot import line_chart
+from trainlab.formatting import format_number
+from trainlab.report.document import Figure, Heading, Para, Table
+from trainlab.report.html import inline_svg, to_html
+from trainlab.report.markdown import to_markdown
+from trainlab.report.run import load_run
 from trainlab.sweep.powerlaw import PowerLawFit, fit_power_law
 from trainlab.sweep.spec import read_manifest
 
-TABLE_FRACTIONS = (0.1, 0.4, 1.0)  # seed 004's steps 1k / 4k / 10k of a 10k run
+if TYPE_CHECKING:  # matplotlib is imported only when the figures are drawn
+    from trainlab.report.figures import Chart
+
+TABLE_FRACTIONS = (0.1, 0.4, 1.0)  # the BitNet size study's steps 1k / 4k / 10k of a 10k run
 
 
 @dataclass
@@ -68,7 +76,7 @@ def left_out_text(p: PointResult) -> str:
     if p.state == "not started":
         return f"{p.name} not started (no metrics.csv)"
     state = "finished early" if p.state == "finished" else p.state
-    where = f" at step {_fmt(p.step)} of {_fmt(p.total_steps)}"
+    where = f" at step {format_number(p.step)} of {format_number(p.total_steps)}"
     return f"{p.name} {state}{where}" + (f" ({p.reason})" if p.reason else "")
 
 
@@ -96,7 +104,7 @@ def load_points(sweep_dir: Path, manifest: dict) -> tuple[list[PointResult], str
             out.append(PointResult(record["name"], record["values"], run_dir, "not started", None, None, None, "",
                                    None, [], [], None, None))
             continue
-        run = _load_run(run_dir)
+        run = load_run(run_dir)
         health = (run.config or {}).get("health") or {}
         metric = metric or str(health.get("collapse_metric") or "")
         start = run.first_start
@@ -125,17 +133,9 @@ def _group_label(p: PointResult) -> str:
     return ", ".join(f"{k}={v}" for k, v in other.items()) or "all points"
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def conclude(points: list[PointResult], collapse_min: float, diverse_above: float | None,
              metric: str) -> list[Conclusion]:
-    """Seed 004's decision tree, per group of points that differ only in model.* keys."""
+    """The BitNet size study's decision tree, per group of points that differ only in model.* keys."""
     groups: dict[str, list[PointResult]] = {}
     for p in points:
         groups.setdefault(_group_label(p), []).append(p)
@@ -161,7 +161,7 @@ def conclude(points: list[PointResult], collapse_min: float, diverse_above: floa
             median = sorted(targets)[len(targets) // 2]
             threshold, why = median / 2, f"half the {median:g} distinct true next tokens in the batch"
         else:
-            threshold, why = 100.0, "seed 004's 100 tokens (no distinct_targets logged)"
+            threshold, why = 100.0, "the BitNet size study's 100 tokens (no distinct_targets logged)"
         finals = [(p, p.metric_series[-1][1], p.metric_series[-1][0]) for p in sized]
         numbers = [f"diverse threshold {threshold:g} ({why}); collapse below {collapse_min:g}"]
         for p, v, step in finals:
@@ -208,8 +208,8 @@ def fits(points: list[PointResult], floor: float = 0.0) -> dict[str, PowerLawFit
 
 
 def table_steps(points: list[PointResult], at: list[int] | None) -> list[int]:
-    """--at as given; else the evaluated steps nearest 10 %, 40 % and 100 % of train.steps (seed 004's
-    1k / 4k / 10k of 10k), so every cell holds a measurement rather than an older one."""
+    """--at as given; else the evaluated steps nearest 10 %, 40 % and 100 % of train.steps (the BitNet
+    size study's 1k / 4k / 10k of 10k), so every cell holds a measurement rather than an older one."""
     if at:
         return sorted(at)
     total = max((p.total_steps or 0 for p in points), default=0)
@@ -236,56 +236,56 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
     conclusions = conclude(points, collapse_min, diverse_above, metric)
     power = fits(points)
 
-    blocks: list = [_Heading(1, f"Sweep {sweep_dir.name}")]
+    blocks: list = [Heading(1, f"Sweep {sweep_dir.name}")]
     grid = ", ".join(f"{k} = {', '.join(v)}" for k, v in manifest["grid"])
-    blocks.append(_Para(f"target {manifest['target']}, preset {manifest.get('preset') or '(default)'}, "
+    blocks.append(Para(f"target {manifest['target']}, preset {manifest.get('preset') or '(default)'}, "
                         f"grid {grid}; {len(points)} points. Every number below is read from the points' "
                         "run directories."))
-    blocks.append(_Heading(2, "Conclusion"))
+    blocks.append(Heading(2, "Conclusion"))
     lines = []
     for c in conclusions:
         head = f"[{c.group}] rule {c.rule}: {c.verdict}"
         lines.append(head)
         lines += [f"    {n}" for n in c.numbers]
-        blocks.append(_Para(head))
+        blocks.append(Para(head))
         if c.numbers:
-            blocks.append(_Table(["numbers used"], [[n] for n in c.numbers]))
+            blocks.append(Table(["numbers used"], [[n] for n in c.numbers]))
 
-    blocks.append(_Heading(2, f"{metric or 'collapse metric'} by size and step (seed 004's table)"))
+    blocks.append(Heading(2, f"{metric or 'collapse metric'} by size and step (the BitNet size study's table)"))
     headers = ["point", "params (non-embedding)", "state"] + [f"step {s}" for s in steps] + ["final " + (
         points[0].loss_col if points and points[0].loss_col else "loss")]
     rows = []
     for p in sorted(points, key=lambda p: (_group_label(p), p.params or 0)):
-        cells = [p.name, f"{p.params:,}" if p.params else "-", f"{p.state} at {_fmt(p.step)}/{_fmt(p.total_steps)}"]
+        cells = [p.name, f"{p.params:,}" if p.params else "-",
+                 f"{p.state} at {format_number(p.step)}/{format_number(p.total_steps)}"]
         for s in steps:
             hit = _value_at(p.metric_series, s)
             cells.append("-" if hit is None else f"{hit[0]:g}" + ("" if hit[1] == s else f" (step {hit[1]})"))
-        cells.append(_fmt(p.final_loss))
+        cells.append(format_number(p.final_loss))
         rows.append(cells)
-    blocks.append(_Table(headers, rows, css="numbers"))
+    blocks.append(Table(headers, rows, css="numbers"))
     lines.append("")
     lines.append(" | ".join(headers))
     lines += [" | ".join(r) for r in rows]
 
-    blocks.append(_Heading(2, "Final loss against size"))
+    blocks.append(Heading(2, "Final loss against size"))
     for label, fit in power.items():
-        blocks.append(_Para(f"[{label}] {fit.describe()}"))
+        blocks.append(Para(f"[{label}] {fit.describe()}"))
         lines.append(f"[{label}] power law: {fit.describe()}")
     unfinished = [left_out_text(p) for p in points if not is_complete(p)]
     if unfinished:
         text = f"not in the fit, their last loss is not final: {'; '.join(unfinished)}"
-        blocks.append(_Para(text))
+        blocks.append(Para(text))
         lines.append(text)
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
     thresholds = sorted({c.diverse_threshold for c in conclusions if c.diverse_threshold is not None})
-    figures = _figures(points, metric, collapse_min, thresholds, power)
-    for fig in figures:
-        (plots / fig.name).write_text(fig.svg, encoding="utf-8")
-    blocks += figures
+    for stem, chart, caption in _figures(points, metric, collapse_min, thresholds, power):
+        chart.write(plots, stem)
+        blocks.append(Figure(f"{stem}.svg", inline_svg(chart.svg()), caption, png=f"{stem}.png"))
     md_path, html_path = sweep_dir / "sweep_report.md", sweep_dir / "sweep_report.html"
-    md_path.write_text(_to_markdown(blocks), encoding="utf-8")
-    html_path.write_text(_to_html(blocks, f"trainlab sweep {sweep_dir.name}"), encoding="utf-8")
+    md_path.write_text(to_markdown(blocks), encoding="utf-8")
+    html_path.write_text(to_html(blocks, f"trainlab sweep {sweep_dir.name}"), encoding="utf-8")
     summary = {
         "metric": metric, "collapse_min": collapse_min, "table_steps": steps,
         "points": [{"name": p.name, "values": p.values, "state": p.state, "reason": p.reason, "step": p.step,
@@ -301,17 +301,20 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
 
 
 def _figures(points: list[PointResult], metric: str, collapse_min: float, thresholds: list[float],
-             power: dict[str, PowerLawFit]) -> list[_Figure]:
+             power: dict[str, PowerLawFit]) -> list[tuple[str, "Chart", str]]:
+    """(file stem in plots/, chart, caption) of each figure of the sweep report."""
+    from trainlab.report.figures import line_chart
+
     figs = []
     loss_col = next((p.loss_col for p in points if p.loss_col), "loss")
     curves = [(p.name, p.loss_series) for p in points if p.loss_series]
     if curves:
-        figs.append(_Figure("sweep-loss.svg", line_chart(curves, f"{loss_col} of every point", "step", loss_col),
-                            f"{loss_col} against step, one line per point"))
+        figs.append(("sweep-loss", line_chart(curves, f"{loss_col} of every point", "step", loss_col),
+                     f"{loss_col} against step, one line per point"))
     if metric:
         series = [(p.name, p.metric_series) for p in points if p.metric_series]
         if series:
-            figs.append(_Figure("sweep-collapse.svg", line_chart(
+            figs.append(("sweep-collapse", line_chart(
                 series, f"{metric} of every point", "step", metric,
                 hlines=[(collapse_min, f"collapse below {collapse_min:g}")] +
                        [(t, f"diverse from {t:g}") for t in thresholds]),
@@ -322,13 +325,13 @@ def _figures(points: list[PointResult], metric: str, collapse_min: float, thresh
     if len(measured) >= 2:
         series = []
         for label, fit in power.items():
-            pts = sorted((math.log10(n), loss) for p, n, loss in measured if _group_label(p) == label)
+            pts = sorted((float(n), loss) for p, n, loss in measured if _group_label(p) == label)
             series.append((f"measured [{label}]", pts))
             if fit.alpha is not None:
-                lo, hi = pts[0][0], pts[-1][0]
-                grid = [lo + (hi - lo) * i / 40 for i in range(41)]
-                series.append((f"fit [{label}]", [(g, float(fit.predict(10 ** g))) for g in grid]))
-        figs.append(_Figure("sweep-powerlaw.svg", line_chart(
-            series, f"final {loss_col} against size", "log10 parameters (non-embedding)", f"final {loss_col}"),
-            "final loss of each point against its size, with the fitted L = E + A N^-alpha"))
+                lo, hi = math.log10(pts[0][0]), math.log10(pts[-1][0])
+                grid = [10 ** (lo + (hi - lo) * i / 40) for i in range(41)]
+                series.append((f"fit [{label}]", [(n, float(fit.predict(n))) for n in grid]))
+        figs.append(("sweep-powerlaw", line_chart(
+            series, f"final {loss_col} against size", "parameters (non-embedding)", f"final {loss_col}",
+            log_x=True), "final loss of each point against its size, with the fitted L = E + A N^-alpha"))
     return figs

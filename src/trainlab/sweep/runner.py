@@ -4,7 +4,7 @@ Why processes and not threads: a point is exactly the command a user would type,
 locks, logs and fails exactly like one -- and a crash in one point cannot take the others down.
 
 Backends
-- local (default): subprocesses on this machine.  On a GPU machine they share the GPU (as seed 004
+- local (default): subprocesses on this machine.  On a GPU machine they share the GPU (as the BitNet size study
   did) or, with --gpus 0,1,..., each point gets one GPU through CUDA_VISIBLE_DEVICES, least-busy
   first.  The indices count the GPUs this process sees, as torch does: under CUDA_VISIBLE_DEVICES=2,3
   `--gpus 0,1` means physical GPUs 2 and 3, and a point gets CUDA_VISIBLE_DEVICES=2 or 3 (passing "0"
@@ -33,6 +33,7 @@ from pathlib import Path
 from trainlab.engine.logs import METRICS_FILE, read_metrics
 from trainlab.engine.rundir import read_status
 from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, UsageError
+from trainlab.formatting import format_number
 from trainlab.sweep.spec import Point, SweepSpec
 
 POLL_S = 1.0
@@ -115,14 +116,6 @@ def _live_values(state: PointState, collapse_metric: str) -> dict:
     return out
 
 
-def _fmt(v, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
 class Table:
     """The live table: a redrawn rich table on a terminal, plain text lines elsewhere."""
 
@@ -143,13 +136,13 @@ class Table:
         rows = []
         for s in self.states:
             v = s.live
-            step = f"{_fmt(v.get('step'))}/{s.total_steps}"
+            step = f"{format_number(v.get('step'))}/{s.total_steps}"
             speed = v.get("tokens_per_s") or v.get("samples_per_s")
             state = s.state + (f" (exit {s.exit_code})" if s.state in ("stopped", "failed") else "")
-            row = [s.point.name, state, step, _fmt(v.get("loss")), _fmt(v.get("val_loss"))]
+            row = [s.point.name, state, step, format_number(v.get("loss")), format_number(v.get("val_loss"))]
             if self.metric:
-                row.append(_fmt(v.get(self.metric)))
-            row.append(_fmt(speed, 3) + ("/s" if speed else ""))
+                row.append(format_number(v.get(self.metric)))
+            row.append(format_number(speed, 3) + ("/s" if speed else ""))
             rows.append(row)
         return header, rows
 

@@ -4,7 +4,7 @@ A sweep is given on the command line (`--grid model.hidden=256,512 --grid optim.
 a sweep YAML:
 
     target: bitnet_lm          # an experiment name or a run-config YAML
-    preset: seed
+    preset: original
     set: {optim.weight_decay: 0.1}   # or a list of "key=value"
     steps: 10000
     grid:
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from trainlab.errors import UsageError
+from trainlab.errors import UsageError, brief
 
 MANIFEST = "sweep.json"
 SWEEP_KEYS = {"target", "preset", "set", "steps", "grid", "parallel", "device", "backend", "gpus"}
@@ -117,7 +117,7 @@ def load_sweep_file(path: str) -> dict:
     except OSError as exc:
         raise UsageError(f"sweep file {path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"sweep file {path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+        raise UsageError(f"sweep file {path}: not valid YAML ({brief(exc, 200)})") from None
     if not isinstance(data, dict):
         raise UsageError(f"sweep file {path}: expected a mapping with target and grid")
     unknown = set(data) - SWEEP_KEYS

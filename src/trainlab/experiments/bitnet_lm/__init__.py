@@ -1,10 +1,10 @@
-"""BitNet b1.58 language models on real text, and seed 004's question: does degenerate decoding
+"""BitNet b1.58 language models on real text, and the BitNet size study's question: does degenerate decoding
 (few distinct next-token predictions) go away with model size, or does it need an LR scaled with size?
 
-The collapse metric is seed 004's: the number of distinct argmax next-token predictions over a fixed
+The collapse metric is the BitNet size study's: the number of distinct argmax next-token predictions over a fixed
 validation batch (`distinct_preds`), next to the number of distinct true next tokens in that batch
 (`distinct_targets`) for scale.  It is wired to the collapse detector (health.collapse_metric), so a
-run whose predictions collapse below health.collapse_min (seed 004: 10) raises an alert.
+run whose predictions collapse below health.collapse_min (the BitNet size study: 10) raises an alert.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ EVAL_CHUNK = 8  # validation sequences per forward pass: bounds the memory of vo
 
 
 def distinct_predictions(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Seed 004's collapse metric: how many different tokens are the argmax prediction anywhere in
+    """The BitNet size study's collapse metric: how many different tokens are the argmax prediction anywhere in
     `logits` (..., vocab).  A 0-d float tensor, computed without a host sync (no torch.unique)."""
     return distinct_tokens(logits.argmax(-1), vocab_size)
 
@@ -36,9 +36,9 @@ def distinct_tokens(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return seen.sum().float()
 
 
-# Seed 004's optimisation for every size: LR 0.0015, weight decay 0.1 (stage 1) and 0 (stage 2).
+# The BitNet size study's optimisation for every size: LR 0.0015, weight decay 0.1 (stage 1) and 0 (stage 2).
 _SEED_OPTIM = {"name": "adamw", "lr": 1.5e-3, "weight_decay": 0.1, "betas": [0.9, 0.95]}
-# seed 004's collapse metric, watched live by the collapse detector (health.collapse_min: 10 tokens)
+# the BitNet size study's collapse metric, watched live by the collapse detector (health.collapse_min: 10 tokens)
 _HEALTH = {"collapse_metric": "distinct_preds"}
 _SEED_LOOP = {"train": {"steps": 10000, "micro_batch": 32},
               "health": _HEALTH,
@@ -56,7 +56,7 @@ def _sized(hidden: int, layers: int, heads: int) -> Preset:
 
 class BitNetLM(Experiment):
     name = "bitnet_lm"
-    description = "BitNet b1.58 byte-level language model; degenerate decoding against model size (seed 004)"
+    description = "BitNet b1.58 byte-level language model; degenerate decoding against model size (the BitNet size study)"
     model_config = BitLMModelConfig
     data_config = BitLMDataConfig
     train_metrics = ("acc", "bpb")
@@ -73,7 +73,7 @@ class BitNetLM(Experiment):
             "model": {"hidden": 32, "layers": 1, "heads": 2},
             "data": {"seq_len": 32, "eval_sequences": 4, "sample_tokens": 16, "prompt_tokens": 16},
         }),
-        "cpu": Preset("minutes on CPU: hidden 128, 2 layers, 128-byte sequences x 16, 1500 steps, seed 004's LR "
+        "cpu": Preset("minutes on CPU: hidden 128, 2 layers, 128-byte sequences x 16, 1500 steps, the BitNet size study's LR "
                       "and two stages", {
             "train": {"steps": 1500, "micro_batch": 16},
             "optim": _SEED_OPTIM,
@@ -83,7 +83,7 @@ class BitNetLM(Experiment):
             "model": {"hidden": 128, "layers": 2, "heads": 2},
             "data": {"seq_len": 128, "eval_sequences": 16},
         }),
-        "seed": Preset("seed 004's run: hidden 256 (layers and heads follow model.hidden, so a sweep over "
+        "original": Preset("the BitNet size study's own run: hidden 256 (layers and heads follow model.hidden, so a sweep over "
                        "model.hidden varies the whole shape), 10k steps of stage 1 only (LR 0.0015, weight decay "
                        "0.1), as the seed ran it", {
             **_SEED_LOOP,

@@ -1,4 +1,4 @@
-"""A decoder-only BitNet b1.58 language model (seed 004).
+"""A decoder-only BitNet b1.58 language model (the BitNet size study).
 
 - Attention and MLP projections are BitLinear b1.58 (ternary weights, 8-bit activations; each
   BitLinear normalises its own input, so blocks carry no separate pre-norms); `linear: dense` swaps
@@ -27,7 +27,7 @@ HEAD_DIM = 64
 
 @dataclass
 class BitLMModelConfig:
-    hidden: int = knob(256, "width of the residual stream (seed 004: 256, 512, 768, 1024)", ge=8)
+    hidden: int = knob(256, "width of the residual stream (the BitNet size study: 256, 512, 768, 1024)", ge=8)
     layers: int = knob(0, "transformer blocks; 0 = by width: 4 up to 256, 6 up to 512, 8 above "
                           "(the s256..s1024 presets' values)", ge=0)
     heads: int = knob(0, "attention heads; 0 = hidden / 64 (at least 1)", ge=0)

@@ -1,4 +1,4 @@
-"""SHA-256 round logic learned by a BitNet transformer under an accuracy-gated curriculum (seed 002).
+"""SHA-256 round logic learned by a BitNet transformer under an accuracy-gated curriculum.
 
 `step` mode asks for one round at a time (learnable in principle: the inputs hold W_t and K_t);
 `multi` mode asks for the state after R rounds straight from the block -- the hard version, which
@@ -115,7 +115,7 @@ _SEED_CURRICULUM = {"name": "rounds", "values": [8, 16, 32, 64], "min_steps": [5
 
 class Sha256(Experiment):
     name = "sha256"
-    description = "SHA-256 round logic by a BitNet transformer under an accuracy-gated curriculum (seed 002)"
+    description = "SHA-256 round logic by a BitNet transformer under an accuracy-gated curriculum"
     model_config = Sha256ModelConfig
     data_config = Sha256DataConfig
     train_metrics = ("acc", "accuracy", "word_acc", "exact_acc")
@@ -123,7 +123,8 @@ class Sha256(Experiment):
     default_preset = "quick"
     heatmaps = {"bit_acc_map": {
         "title": "per-bit accuracy (rows a..h, columns bit 31..0)", "rows": list("abcdefgh"),
-        "cols": [str(31 - j) for j in range(32)], "lo": 0.5, "hi": 1.0}}
+        "cols": [str(31 - j) for j in range(32)], "lo": 0.5, "hi": 1.0,
+        "x_label": "bit", "y_label": "state word", "value_label": "accuracy"}}
     presets = {
         "smoke": Preset("seconds on CPU, for tests: a tiny model, rounds 1 -> 2 -> 4 with open gates", {
             "train": {"steps": 30, "micro_batch": 64},
@@ -145,7 +146,7 @@ class Sha256(Experiment):
             "model": {"dim": 96, "layers": 2, "heads": 4},
             "data": {"eval_batch": 2048},
         }),
-        "seed": Preset("seed 002's loop: Lion with bf16 momentum, micro-batch 2 x accumulation 32, clip 1.0, fp16 "
+        "original": Preset("the loop of the SHA-256 curriculum's own script: Lion with bf16 momentum, micro-batch 2 x accumulation 32, clip 1.0, fp16 "
                        "with GradScaler, checkpoint every 500, curriculum 8/16/32/64 at 95 % gates, 10 GB RAM guard", {
             "train": {"steps": 100000, "micro_batch": 2, "accum": 32, "clip": 1.0, "precision": "fp16"},
             "optim": {"name": "lion", "lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.1, "momentum_dtype": "bf16"},
@@ -198,7 +199,7 @@ class Sha256(Experiment):
         logits = model(x).float()
         loss = F.binary_cross_entropy_with_logits(logits, y.float())
         metrics = bit_metrics(logits.detach(), y)
-        metrics["accuracy"] = metrics["acc"]  # seed 002's CSV column name
+        metrics["accuracy"] = metrics["acc"]  # the SHA-256 curriculum's CSV column name
         return loss, metrics
 
     def baseline_loss(self, cfg) -> float:

@@ -1,4 +1,4 @@
-"""SparseLogicTransformer (seed 002's name): a bidirectional transformer over 32-bit word tokens,
+"""SparseLogicTransformer (the SHA-256 curriculum's name): a bidirectional transformer over 32-bit word tokens,
 built from BitLinear b1.58 layers, that predicts the 256 bits of the SHA-256 working state.
 
 Tokens are words given as 32 bits (mapped to +-1); the answer is read at the first 8 positions
