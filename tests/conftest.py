@@ -1,10 +1,14 @@
-"""Shared helpers: run the real CLI in a subprocess, read run directories back."""
+"""Shared helpers: run the real CLI (in this process or a subprocess), read run directories back."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import pytest
@@ -23,11 +27,49 @@ def cli_env() -> dict:
     return env
 
 
+# The CLI runs in the test's own process unless a test needs a process of its own (variables in
+# `env`, such as an injected fault or PYTHONPATH; `own_process=True`).  A new Python process pays ~4 s
+# importing torch, matplotlib and scipy before it does anything; with ~150 CLI calls that was most
+# of the suite's time.  In-process runs use one torch thread, as the subprocesses do (OMP_NUM_THREADS=1
+# in cli_env), so a run gives the same numbers either way.  Calls from other threads (the files that
+# start several CLI runs at once) get subprocesses: the working directory and signal handlers belong
+# to the whole process.  TRAINLAB_TEST_SUBPROCESS=1 sends every call to a subprocess (to check that
+# nothing depends on the difference).
+torch.set_num_threads(1)
+ALWAYS_SUBPROCESS = os.environ.get("TRAINLAB_TEST_SUBPROCESS") == "1"
+
+
+def _in_process(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m trainlab ARGS` as main(ARGS) here: same exit code and output; an exception that
+    escapes main() is exit code 1 with its traceback on stderr, as Python would print it."""
+    from trainlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's --help / usage errors
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001 -- what an uncaught exception does to a process
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess([sys.executable, "-m", "trainlab", *args], code, out.getvalue(), err.getvalue())
+
+
 def trainlab(*args: str, cwd: Path, timeout: float = 120, check: bool = False,
-             env: dict | None = None) -> subprocess.CompletedProcess:
-    """`env`: variables set on top of cli_env() for this one command."""
-    proc = subprocess.run([sys.executable, "-m", "trainlab", *args], cwd=cwd, env={**cli_env(), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+             env: dict | None = None, own_process: bool = False) -> subprocess.CompletedProcess:
+    """`env`: variables set on top of cli_env() for this one command (runs it in a subprocess)."""
+    here = threading.current_thread() is threading.main_thread()
+    if env is None and not own_process and not ALWAYS_SUBPROCESS and here:
+        proc = _in_process(args, cwd)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "trainlab", *args], cwd=cwd,
+                              env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainlab {' '.join(args)} exited {proc.returncode}\n{proc.stderr}")
     return proc
