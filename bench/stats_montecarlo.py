@@ -30,7 +30,7 @@ from trainlab.health import stats  # noqa: E402
 
 
 def ar1(seeds: range, n: int, phi: float, burn: int = 200) -> np.ndarray:
-    """One stationary unit-innovation AR(1) series per seed, [len(seeds), n] (as tests/test_stats.py)."""
+    """One stationary unit-innovation AR(1) series per seed, [len(seeds), n] (tests/test_stats.py uses it too)."""
     e = np.stack([np.random.default_rng(s).normal(size=n + burn) for s in seeds])
     x = np.empty_like(e)
     x[:, 0] = e[:, 0] / math.sqrt(1.0 - phi * phi)

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -105,3 +107,18 @@ def assert_same_weights(expected: dict, actual: dict) -> None:
 @pytest.fixture
 def tmp_cwd(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@contextlib.contextmanager
+def started_together(request, tmp_path_factory, jobs_by_test: dict) -> Iterator[dict]:
+    """For a module whose tests each need a slow CLI run: the runs of the selected tests (by test
+    name in `jobs_by_test`), started two at a time when the first test asks; job -> (its own empty
+    directory, the Future of what it returns)."""
+    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    needed = list(dict.fromkeys(job for name, job in jobs_by_test.items() if name in selected))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {}
+        for job in needed:
+            cwd = tmp_path_factory.mktemp(job.__name__)
+            started[job] = (cwd, pool.submit(job, cwd))
+        yield started

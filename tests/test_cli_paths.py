@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from conftest import trainlab
+from conftest import started_together, trainlab
 from trainlab.engine.logs import read_events, read_metrics
 
 FAULT_DIR = Path(__file__).parent / "fault_injection"
@@ -100,15 +99,9 @@ JOBS: dict[str, Callable[[Path], dict]] = {
 
 
 @pytest.fixture(scope="module")
-def jobs(request, tmp_path_factory) -> dict[Callable, tuple[Path, Future]]:
+def jobs(request, tmp_path_factory):
     """job -> (its directory, the Future of its result), for the jobs of the selected tests."""
-    selected = {item.originalname for item in request.session.items if item.module is request.module}
-    needed = list(dict.fromkeys(job for name, job in JOBS.items() if name in selected))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started = {}
-        for job in needed:
-            cwd = tmp_path_factory.mktemp(job.__name__)
-            started[job] = (cwd, pool.submit(job, cwd))
+    with started_together(request, tmp_path_factory, JOBS) as started:
         yield started
 
 

@@ -8,7 +8,9 @@ the property is lost (e.g. the uncorrected Mann-Kendall test on AR(1) noise fire
 from __future__ import annotations
 
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +19,9 @@ import torch
 from trainlab.health import stats
 
 
-def ar1(seeds: range, n: int, phi: float, burn: int = 200) -> np.ndarray:
-    """One stationary unit-innovation AR(1) series per seed, [len(seeds), n]."""
-    e = np.stack([np.random.default_rng(s).normal(size=n + burn) for s in seeds])
-    x = np.empty_like(e)
-    x[:, 0] = e[:, 0] / math.sqrt(1.0 - phi * phi)
-    for t in range(1, n + burn):
-        x[:, t] = phi * x[:, t - 1] + e[:, t]
-    return x[:, burn:]
+# the Monte-Carlo script's AR(1) generator: the tests and docs/health.md's figures draw the same series
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from stats_montecarlo import ar1  # noqa: E402
 
 
 def uncorrected_z(t: stats.TrendTest) -> float:

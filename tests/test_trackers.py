@@ -22,13 +22,12 @@ import math
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from conftest import VOLATILE, trainlab
+from conftest import VOLATILE, started_together, trainlab
 from trainlab.config import resolve
 from trainlab.engine.logs import EventLog, read_events, read_metrics
 from trainlab.errors import UsageError
@@ -102,13 +101,8 @@ JOBS: dict[str, Callable[[Path], dict]] = {  # the longest first
 
 @pytest.fixture(scope="module")
 def jobs(request, tmp_path_factory):
-    selected = {item.originalname for item in request.session.items if item.module is request.module}
-    needed = list(dict.fromkeys(job for name, job in JOBS.items() if name in selected))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started = {}
-        for job in needed:
-            cwd = tmp_path_factory.mktemp(job.__name__)
-            started[job] = (cwd, pool.submit(job, cwd))
+    """job -> (its directory, the Future of its result), for the jobs of the selected tests."""
+    with started_together(request, tmp_path_factory, JOBS) as started:
         yield started
 
 
