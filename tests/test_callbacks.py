@@ -157,13 +157,13 @@ def _doc_example(folder: Path) -> str:
     return match[1]
 
 
-def test_the_documented_callback_stops_the_run_and_its_state_survives_a_resume(tmp_path: Path):
+def test_the_documented_callback_stops_the_run_and_its_state_survives_a_resume(tmp_path: Path, monkeypatch):
     module = _doc_example(tmp_path)
     spec = f'callbacks=[{{path: "{module}:StopAtAccuracy", kwargs: {{target: 0.0, patience: 3}}}}]'
     args = ("run", "modadd", "--preset", "smoke", "--steps", "80", "--set", "eval.every=10", "--set", spec)
-    env = {"PYTHONPATH": str(tmp_path)}
+    monkeypatch.syspath_prepend(str(tmp_path))  # the in-process runs import the module from there
     # target 0: every evaluation counts, so the third (step 30) stops the run
-    straight = trainlab(*args, "--run-dir", "a", cwd=tmp_path, env=env)
+    straight = trainlab(*args, "--run-dir", "a", cwd=tmp_path)
     assert straight.returncode == 1, straight.stderr
     reason = "val_acc >= 0.0 at 3 evaluations in a row"
     assert reason in straight.stderr.strip().splitlines()[-1]
@@ -174,7 +174,7 @@ def test_the_documented_callback_stops_the_run_and_its_state_survives_a_resume(t
     env_fault = {"PYTHONPATH": f"{FAULT_DIR}:{tmp_path}", "TRAINLAB_TEST_FAULT": "sigint@25"}
     cut = trainlab(*args, "--run-dir", "b", cwd=tmp_path, env=env_fault)
     assert cut.returncode == 130, cut.stderr
-    resumed = trainlab(*args, "--run-dir", "b", cwd=tmp_path, env=env)
+    resumed = trainlab(*args, "--run-dir", "b", cwd=tmp_path)
     assert resumed.returncode == 1, resumed.stderr
     status = json.loads((tmp_path / "b" / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == 30 and reason in status["reason"]
