@@ -11,7 +11,7 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -122,3 +122,19 @@ def started_together(request, tmp_path_factory, jobs_by_test: dict) -> Iterator[
             cwd = tmp_path_factory.mktemp(job.__name__)
             started[job] = (cwd, pool.submit(job, cwd))
         yield started
+
+
+def jobs_fixture(jobs_by_test: dict):
+    """The module-scoped `jobs` fixture of a module built on started_together()."""
+    @pytest.fixture(scope="module")
+    def jobs(request, tmp_path_factory):
+        """job -> (its directory, the Future of its result), for the jobs of the selected tests."""
+        with started_together(request, tmp_path_factory, jobs_by_test) as started:
+            yield started
+    return jobs
+
+
+def job_result(jobs: dict, job, timeout: float = 600) -> tuple[Path, Any]:
+    """(the job's directory, what it returned), waiting for it."""
+    cwd, future = jobs[job]
+    return cwd, future.result(timeout=timeout)

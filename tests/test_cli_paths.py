@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import started_together, trainlab
+from conftest import job_result, jobs_fixture, trainlab
 from trainlab.engine.logs import read_events, read_metrics
 
 FAULT_DIR = Path(__file__).parent / "fault_injection"
@@ -98,16 +98,12 @@ JOBS: dict[str, Callable[[Path], dict]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def jobs(request, tmp_path_factory):
-    """job -> (its directory, the Future of its result), for the jobs of the selected tests."""
-    with started_together(request, tmp_path_factory, JOBS) as started:
-        yield started
+jobs = jobs_fixture(JOBS)
 
 
 def result(jobs, job) -> tuple[Path, dict]:
-    cwd, future = jobs[job]
-    return cwd, future.result(timeout=600)
+    cwd, out = job_result(jobs, job)
+    return cwd, out
 
 
 # ------------------------------------------------------------------------------ training fails

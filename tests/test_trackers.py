@@ -27,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import VOLATILE, started_together, trainlab
+from conftest import VOLATILE, job_result, jobs_fixture, trainlab
 from trainlab.config import resolve
 from trainlab.engine.logs import EventLog, read_events, read_metrics
 from trainlab.errors import UsageError
@@ -99,16 +99,12 @@ JOBS: dict[str, Callable[[Path], dict]] = {  # the longest first
 }
 
 
-@pytest.fixture(scope="module")
-def jobs(request, tmp_path_factory):
-    """job -> (its directory, the Future of its result), for the jobs of the selected tests."""
-    with started_together(request, tmp_path_factory, JOBS) as started:
-        yield started
+jobs = jobs_fixture(JOBS)
 
 
 def result(jobs, job) -> tuple[Path, dict]:
-    cwd, future = jobs[job]
-    return cwd / "r", future.result(timeout=600)
+    cwd, out = job_result(jobs, job)
+    return cwd / "r", out
 
 
 # ------------------------------------------------------------------------------ reading back
