@@ -19,7 +19,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable
 
-import pytest
 
 from conftest import job_result, jobs_fixture, trainlab
 from trainlab.engine.logs import read_events, read_metrics

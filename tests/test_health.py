@@ -400,7 +400,7 @@ class _EventSink:
     def write(self, event: dict) -> None:
         self.written.append(event)
 
-    def request_stop(self, reason: str, checkpoint: bool = True) -> None:
+    def request_stop(self, reason: str, checkpoint: bool = True, source: str = "stop request") -> None:
         pass
 
     def request_rollback(self, alert: dict) -> None:

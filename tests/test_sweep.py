@@ -27,7 +27,7 @@ from trainlab.engine.logs import read_events, read_rows
 from trainlab.sweep import runner
 from trainlab.sweep.powerlaw import fit_power_law
 from trainlab.sweep.report import PointResult, conclude, fits
-from trainlab.sweep.spec import Point, SweepSpec
+from trainlab.sweep.spec import SweepSpec
 
 TINY = ["sweep", "bitnet_lm", "--preset", "smoke", "--grid", "model.hidden=16,32", "--set", "model.heads=1",
         "--set", "data.sample_tokens=4"]

@@ -353,6 +353,9 @@ def test_a_row_sends_only_finite_numbers_and_never_a_step_the_tracker_holds(tmp_
         def send(self, step, values):
             self.sent.append((step, values))
 
+        def close(self, result):  # this test never ends a run
+            pass
+
     tracker = Recorder(tmp_path)
     history = [{"step": s, "attempt": 1, "loss": 1.0 / s, "acc": 0.5} for s in (1, 2)]
     tracker.on_resume(None, history, "resume")

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from trainlab.errors import EXIT_SIGINT, EXIT_STOPPED, EXIT_USAGE, Interrupted, TrainingStopped, UsageError, brief
+from trainlab.formatting import format_duration, format_number  # plain standard library: cheap at start-up
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,14 +119,11 @@ def cmd_config(args) -> int:
 
 def _summary(row: dict, keys: tuple[str, ...]) -> str:
     """The last row's numbers for the closing line: "loss 2.879, acc 0.1219"."""
-    from trainlab.formatting import format_number
-
     return ", ".join(f"{k} {format_number(row[k])}" for k in keys if isinstance(row.get(k), (int, float)))
 
 
 def cmd_run(args) -> int:
     from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
-    from trainlab.formatting import format_duration
 
     experiment, cfg = load_target(args.target, args.preset, args.sets, args.steps)
     device = resolve_device(args.device)
@@ -173,7 +171,6 @@ def cmd_run(args) -> int:
 
 def cmd_runs(args) -> int:
     from trainlab.engine.rundir import find_runs, summarize
-    from trainlab.formatting import format_duration
 
     root = Path(args.root)
     if not root.is_dir():

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 METRICS_FILE = "metrics.csv"
 EVENTS_FILE = "events.jsonl"

@@ -83,6 +83,7 @@ class RunResult:
 class StopRequest:
     reason: str
     checkpoint: bool  # False when the weights may be broken (a non-finite interval)
+    source: str  # who asked, in the checkpoint's reason (events.jsonl)
 
 
 _APPLIED = "_applied"  # interval sum of the steps GradScaler applied (fp16); not a logged column
@@ -273,12 +274,13 @@ class Trainer:
             self._fire("on_resume", rows, kind)
 
     # ------------------------------------------------------------------ the door for stop and rollback
-    def request_stop(self, reason: str, checkpoint: bool = True) -> None:
+    def request_stop(self, reason: str, checkpoint: bool = True, source: str = "stop request") -> None:
         """End the run after this step: a checkpoint first (unless `checkpoint` is False: the
-        weights may be broken), then TrainingStopped(reason) -- status.json "stopped", exit 1.
-        A request without a checkpoint wins over one with; otherwise the first reason stands."""
+        weights may be broken; `source` names who asked in its reason), then TrainingStopped(reason)
+        -- status.json "stopped", exit 1.  A request without a checkpoint wins over one with;
+        otherwise the first reason stands."""
         if self._stop is None or (self._stop.checkpoint and not checkpoint):
-            self._stop = StopRequest(reason, checkpoint)
+            self._stop = StopRequest(reason, checkpoint, source)
 
     def request_rollback(self, alert: dict) -> None:
         """Reload the newest checkpoint from before alert["evidence"]["onset_step"] (else
@@ -678,12 +680,12 @@ class Trainer:
         if self._stop is None and self.guard.watching and self.step % self.cfg.memory.every == 0:
             problem = self.guard.check(self.events.write)
             if problem:
-                self.request_stop(f"memory guard: {problem} at step {self.step}")
+                self.request_stop(f"memory guard: {problem} at step {self.step}", source="memory guard")
         if self._stop is not None:
             request, self._stop = self._stop, None
             if not request.checkpoint:
                 raise TrainingStopped(request.reason)
-            path = self._checkpoint(self._elapsed(), request.reason.partition(":")[0] or "stop request")
+            path = self._checkpoint(self._elapsed(), request.source)
             raise TrainingStopped(f"{request.reason}; checkpoint saved to {path}")
         if self._signal is not None:
             name, code = self._signal

@@ -44,6 +44,7 @@ class HealthMonitor(Callback):
                 alert["policy"] = policy
                 trainer.events.write(alert)
                 if policy == "stop":
-                    trainer.request_stop(f"health policy: {alert['message']} (health.{d.name}=stop)")
+                    trainer.request_stop(f"health policy: {alert['message']} (health.{d.name}=stop)",
+                                         source="health policy")
                 elif policy == "rollback":
                     trainer.request_rollback(alert)

@@ -17,6 +17,7 @@ Nothing here imports mlflow, wandb or tensorboard until that tracker is switched
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import json
 import math
@@ -123,7 +124,7 @@ def keep(run_dir: Path, tracker: str, record: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / KEPT_FILE)
 
 
-class Tracker(Callback):
+class Tracker(Callback, abc.ABC):
     """What the trackers share: failures that never end the training, and the resume rule.
 
     A subclass implements open(trainer) (start or continue its run; return the last step it
@@ -198,11 +199,14 @@ class Tracker(Callback):
             for k in values:
                 self.held[k] = step
 
+    @abc.abstractmethod
     def open(self, trainer) -> None:
-        raise NotImplementedError
+        """Start or continue the tracker's run; set self.held / self.held_all to what it holds."""
 
+    @abc.abstractmethod
     def send(self, step: int, values: dict[str, float]) -> None:
-        raise NotImplementedError
+        """Log `values` at `step`."""
 
+    @abc.abstractmethod
     def close(self, result) -> None:
-        raise NotImplementedError
+        """Finish the run (artifacts, final status from result.state)."""
