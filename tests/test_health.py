@@ -13,8 +13,9 @@ import pytest
 from conftest import trainlab
 from trainlab.config import HealthConfig
 from trainlab.engine.logs import read_events, read_metrics
-from trainlab.health.detectors import (SPIKE_MIN_HISTORY, Collapse, Divergence, GradRegime, Grokking, NonFinite,
-                                       Plateau, Spike, StuckAtBaseline, run_offline)
+from trainlab.health.detectors import (DETECTORS, OVERFIT_MIN_VAL_ROWS, SPIKE_MIN_HISTORY, Collapse, Divergence,
+                                       GradRegime, Grokking, NonFinite, Overfitting, Plateau, Spike, StuckAtBaseline,
+                                       run_offline)
 
 LN2 = math.log(2)
 
@@ -201,6 +202,73 @@ def test_grokking_reports_memorisation_generalisation_and_gap():
     assert alerts[0]["message"].startswith("grokking")
 
 
+def _evaluated(n: int, every: int = 5, **columns) -> list[dict]:
+    """n log rows (steps 10, 20, ...), held-out columns (val_*) on every `every`-th row only, as a
+    run with eval.every = every x log.every logs them."""
+    rows = _rows(columns.pop("loss"), **{k: v for k, v in columns.items() if not k.startswith("val_")})
+    for i, row in enumerate(rows):
+        if (i + 1) % every == 0:
+            row.update({k: float(v[i]) for k, v in columns.items() if k.startswith("val_")})
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_overfitting_stays_quiet_on_a_healthy_generalising_curve(seed: int):
+    """Training and validation accuracy rise together (validation a little behind), the
+    validation loss falls: no alert, whatever the noise -- and every validation row was judged."""
+    n = 200
+    t = np.arange(n)
+    acc = np.clip(1 - 0.95 * np.exp(-t / 30) + _noise(n, 0.01, seed), 0, 1)
+    val_acc = np.clip(acc - 0.06 + _noise(n, 0.02, seed + 10), 0, 1)
+    loss = 3 * np.exp(-t / 30) + 0.05 + np.abs(_noise(n, 0.01, seed + 20))
+    val_loss = loss + 0.2 + np.abs(_noise(n, 0.05, seed + 30))
+    d = Overfitting(HealthConfig(), math.log(97), 2000)
+    assert _feed(d, _evaluated(n, loss=loss, acc=acc, val_acc=val_acc, val_loss=val_loss)) == []
+    assert d.checked == n // 5
+
+
+def test_overfitting_fires_on_memorisation_one_validation_row_late_and_clears_on_generalisation():
+    """acc 1.0 from row 20 on, val_acc 0.3 until row 100, then 0.97 (grokking).  Stated latency:
+    the second validation row past the gap; it clears at the first validation row within half the
+    gap, and a single validation row knocked down (row 135) is no new episode."""
+    n = 160
+    t = np.arange(n)
+    acc = np.minimum(1.0, 0.05 * t)
+    val_acc = np.where(t < 100, 0.3, 0.97)
+    val_acc[134] = 0.6  # one evaluation knocked down by a spike
+    loss = np.maximum(3 - 0.15 * t, 0.01)
+    rows = _evaluated(n, every=5, loss=loss, acc=acc, val_acc=val_acc, val_loss=np.full(n, 4.0))
+    d = Overfitting(HealthConfig(), math.log(97), 2000)
+    alerts = _feed(d, rows)
+    val_steps = [r["step"] for r in rows if "val_acc" in r]
+    past = [r["step"] for r in rows if "val_acc" in r and r["acc"] >= 0.95 and r["acc"] - r["val_acc"] >= 0.2]
+    assert [a["step"] for a in alerts] == [past[1]]  # the second validation row past the gap
+    assert "acc 1 while val_acc 0.3 (gap 0.7 >= 0.2)" in alerts[0]["message"]
+    generalised = next(s for s in val_steps if s > 1000)
+    assert not d.active and d.cleared_at == generalised
+
+
+def test_overfitting_on_a_rising_validation_loss_but_not_when_both_losses_rise():
+    """No accuracy logged: the validation loss climbing 20 % while the training loss falls is
+    overfitting; both rising is divergence, not this detector's business.  Warm-up: eight
+    validation rows."""
+    n = 150
+    t = np.arange(n)
+    rise = np.concatenate([np.full(50, 2.0), 2.0 + 0.004 * np.arange(n - 50)]) + _noise(n, 0.01)
+    falling = 2.0 * np.exp(-t / 40) + 0.1 + np.abs(_noise(n, 0.005, 1))
+    d = Overfitting(HealthConfig(), math.log(97), 2000)
+    alerts = _feed(d, _evaluated(n, loss=falling, val_loss=rise))
+    assert len(alerts) == 1 and "val_loss rising" in alerts[0]["message"]
+    assert alerts[0]["evidence"]["val_loss_rise"] >= 0.05 and alerts[0]["evidence"]["p_value"] < 0.01
+    assert alerts[0]["step"] > 10 * 50  # after the rise began
+    assert _feed(Overfitting(HealthConfig(), math.log(97), 2000),
+                 _evaluated(n, loss=rise + 0.5, val_loss=rise)) == []
+    k = 5 * (OVERFIT_MIN_VAL_ROWS - 1)
+    short = _evaluated(k, loss=falling[:k], val_loss=2.0 + 0.05 * np.arange(k))
+    d = Overfitting(HealthConfig(), math.log(97), 2000)
+    assert _feed(d, short) == [] and d.checked == 0  # fewer validation rows than its warm-up: not judged
+
+
 def test_grad_norm_regime_change():
     cfg = HealthConfig(window=20)
     norms = np.exp(np.concatenate([np.zeros(25), np.full(25, math.log(6.0))]) + _noise(50, 0.1))
@@ -251,6 +319,11 @@ def test_stop_policy_checkpoints_and_exits_1(tmp_path: Path):
     assert alert["policy"] == "stop"
     assert any(e["kind"] == "checkpoint" and e["reason"] == "health policy" for e in events)
     assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "stopped"
+    # the report written at the stop carries the verdict that stopped it, as `trainlab check` makes it
+    claims = {c["name"]: c for c in json.loads((tmp_path / "r" / "check.json").read_text())["claims"]}
+    assert claims["collapse"]["verdict"] == "fail" and claims["collapse"]["value"].startswith(f"step {alert['step']}: ")
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert f"| collapse | fail | step {alert['step']}: out of bounds: acc = " in report
 
 
 @pytest.mark.parametrize("case,expected", [("healthy", "READY"), ("stuck", "NOT READY")])
@@ -269,6 +342,10 @@ def test_preflight_verdicts(tmp_path: Path, case: str, expected: str):
     else:
         assert names["learning signal"]["value"].startswith("learning")
     assert (tmp_path / "pf" / "report.md").exists() and (tmp_path / "pf" / "report.html").exists()
+    first = (tmp_path / "pf" / "report.md").read_text().splitlines()
+    assert first[0].startswith(f"# Preflight {expected}: ") and first[2].startswith(f"**{expected}**: ")
+    if case == "stuck":  # the first reason, in words
+        assert first[2].split(": ", 1)[1].startswith("not learning")
 
 
 RECORDED = Path(__file__).parent / "data"
@@ -301,6 +378,33 @@ def test_recorded_grokking_run_reports_the_generalisation_step(tmp_path: Path):
     assert not [a for a in alerts if a["detector"] in ("divergence", "stuck")]
 
 
+def test_the_readmes_main_job_is_reported_as_overfitting(tmp_path: Path):
+    """tests/data/modadd_quick: acc 1.0, val_acc 0.29 and a val_loss climbing from 4.79 to 6.87:
+    `trainlab check` says overfitting, still at the end, with the rising validation loss."""
+    rows = _recorded_rows("modadd_quick")
+    assert max(r["acc"] for r in rows) == 1.0 and max(r.get("val_acc") or 0 for r in rows) < 0.3
+    alerts = [a for a in _check_recorded("modadd_quick", tmp_path) if a["detector"] == "overfitting"]
+    val_rows = [r for r in rows if r.get("val_acc") is not None]
+    past = [r["step"] for r in val_rows if r["acc"] >= 0.95 and r["acc"] - r["val_acc"] >= 0.2]
+    assert [a["step"] for a in alerts] == [past[1]]
+    claim = {c["name"]: c for c in json.loads((tmp_path / "modadd_quick" / "check.json").read_text())["claims"]}
+    over = claim["overfitting"]
+    assert over["verdict"] == "warn" and over["value"].startswith(f"since step {past[1]}: overfitting: acc 1")
+    assert "still at the end (step 1500: " in over["value"] and "val_loss rising 4.787 -> 6.865" in over["value"]
+
+
+def test_recorded_grokking_run_overfits_then_clears_when_it_generalises(tmp_path: Path):
+    rows = _recorded_rows("modadd_grok")
+    generalised = next(r["step"] for r in rows if r.get("val_acc", 0) >= 0.9)
+    alerts = [a for a in _check_recorded("modadd_grok", tmp_path) if a["detector"] == "overfitting"]
+    assert len(alerts) == 1 and alerts[0]["step"] < generalised
+    claim = {c["name"]: c for c in json.loads((tmp_path / "modadd_grok" / "check.json").read_text())["claims"]}
+    over = claim["overfitting"]
+    cleared = int(over["value"].split("-", 1)[1].split(",", 1)[0])
+    assert over["verdict"] == "info" and "cleared by the end" in over["value"]
+    assert alerts[0]["step"] < cleared <= generalised  # not later than the generalisation a person sees
+
+
 def test_recorded_run_without_weight_decay_never_groks(tmp_path: Path):
     import shutil
 
@@ -310,6 +414,8 @@ def test_recorded_run_without_weight_decay_never_groks(tmp_path: Path):
     assert not [a for a in data["alerts"] if a["detector"] in ("grokking", "divergence", "stuck")]
     claim = [c for c in data["claims"] if c["name"] == "grokking"][0]
     assert claim["value"].startswith("not observed") and "val_acc 0.2962" in claim["value"]
+    over = [c for c in data["claims"] if c["name"] == "overfitting"][0]
+    assert over["verdict"] == "warn" and "still at the end" in over["value"]  # it memorised and stayed there
 
 
 def test_preflight_resume_check_keeps_schedules_over_the_run_length(tmp_path: Path):
@@ -380,14 +486,14 @@ def test_recorded_lr_ramp_divergence(tmp_path: Path):
     fired = [r["step"] for r in rows].index(div[0]["step"])
     assert onset <= fired <= onset + 2, (rows[onset]["step"], div[0]["step"])
     assert div[0]["evidence"]["best"] == losses[best] and div[0]["evidence"]["onset_step"] == rows[best]["step"]
-    assert not [a for a in alerts if a["detector"] in ("stuck", "spike")]
+    assert not [a for a in alerts if a["detector"] in ("stuck", "spike", "overfitting")]  # val_loss rises with the loss
 
 
 def test_recorded_sha256_multi_at_64_rounds_is_stuck_at_ln2(tmp_path: Path):
     alerts = _check_recorded("sha256_multi_64_rounds", tmp_path)
     stuck = [a for a in alerts if a["detector"] == "stuck"]
     assert len(stuck) == 1 and abs(stuck[0]["evidence"]["baseline"] - LN2) < 1e-12
-    assert not [a for a in alerts if a["detector"] in ("divergence", "grokking")]
+    assert not [a for a in alerts if a["detector"] in ("divergence", "grokking", "overfitting")]
 
 
 class _EventSink:

@@ -673,3 +673,137 @@ def test_a_config_that_is_not_utf8_is_named_and_the_report_goes_on(runs, tmp_pat
     md, html, svgs = build_report(run)
     assert "config.yaml (config.yaml is unreadable ('utf-8' codec can't decode byte 0xff" in md
     assert "report-loss.svg" in svgs  # metrics.csv is still read and drawn
+
+
+# ------------------------------------------------------------------------------ verdicts where people look
+
+def _verdict_rows(md: str) -> list[list[str]]:
+    """The Verdicts table of a report.md as cells, Markdown's backslash escapes undone."""
+    section = md.split("## Verdicts", 1)[1].split("\n## ", 1)[0]
+    table = [ln for ln in section.splitlines() if ln.startswith("| ")][1:]
+    return [[re.sub(r"\\(.)", r"\1", c.strip()) for c in re.split(r"(?<!\\)\|", ln)[1:-1]] for ln in table]
+
+
+def _claim_rows(path: Path) -> list[list[str]]:
+    return [[c["name"], c["verdict"], c["value"], c["evidence"], c["source"]]
+            for c in json.loads(path.read_text(encoding="utf-8"))["claims"]]
+
+
+def test_the_report_at_the_end_of_a_run_carries_the_detectors_verdicts(runs, tmp_path):
+    """`trainlab run` ends with the claims `trainlab check` makes -- in report.md and in check.json
+    -- and an extension of the run replaces a check.json left from before, which would be stale."""
+    from trainlab.health.detectors import DETECTORS
+
+    run = runs["modadd"]
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "no verdicts" not in md
+    assert [r[0] for r in _verdict_rows(md)] == [cls.name for cls in DETECTORS]
+    short = next(ln for ln in md.splitlines() if ln.startswith("In short: "))  # above the table: the counts
+    assert sum(int(n) for n in re.findall(r"(\d+) (?:fail|warn|info|pass|not measured)", short)) == len(DETECTORS)
+    assert _verdict_rows(md) == _claim_rows(run / "check.json")
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    (again / "check.json").write_text(json.dumps({"claims": [{"name": "stale", "verdict": "fail", "value": "x",
+                                                              "evidence": "x", "source": "x"}]}))
+    out = trainlab("run", "modadd", "--preset", "smoke", "--steps", "45", "--run-dir", "again", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    at_end = _claim_rows(again / "check.json")
+    assert at_end == _verdict_rows((again / "report.md").read_text(encoding="utf-8"))
+    assert "stale" not in [r[0] for r in at_end] and at_end[0][4].endswith("steps 5-45")
+    check = trainlab("check", "again", cwd=tmp_path)
+    assert check.returncode == 0, check.stdout
+    assert _claim_rows(again / "check.json") == at_end  # what `trainlab check` says, exactly
+
+
+def test_evidence_is_never_cut_mid_sentence(runs, tmp_path):
+    """A passing detector's evidence is its whole first sentence (it was the docstring's first line,
+    cut mid-sentence); a long evidence text and a long alert message reach both files whole."""
+    claims = {r[0]: r for r in _claim_rows(runs["modadd"] / "check.json")}
+    divergence = claims["divergence"]
+    assert divergence[1] == "pass" and divergence[3].endswith("after having been significantly below it.")
+    assert all(r[3].endswith(".") for r in claims.values() if r[1] == "pass")
+    long_text = "the interval " + " ".join(f"[{i}, {i + 1}]" for i in range(80)) + " ends here."
+    run = _copy(runs["modadd"], tmp_path)
+    with open(run / "events.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"kind": "alert", "detector": "spike", "step": 7, "severity": "warn",
+                             "message": long_text, "evidence": {"z": 9.5}}) + "\n")
+    md, html, _ = build_report(run, [Claim("long", "warn", "v", long_text, "s")])
+    assert f"| long | warn | v | {escape_md(long_text)} | s |" in md
+    assert f"<td>{long_text}</td>" in html
+    events = md[md.index("## Events"):md.index("## Sources")]
+    assert escape_md(long_text) in events  # the message whole; the fields after it counted instead
+    assert "+1 more field in events.jsonl" in events
+
+
+def escape_md(text: str) -> str:
+    from trainlab.report.markdown import escape
+
+    return escape(text)
+
+
+def test_numbers_table_has_every_logged_metric(runs):
+    md, _, _ = build_report(runs["modadd"])
+    numbers = md[md.index("## Numbers"):md.index("## Events")]
+    rows = read_metrics(runs["modadd"] / "metrics.csv")
+    acc = [(r["step"], r["acc"]) for r in rows]
+    assert f"| `acc` | {format_number(acc[0][1])} (step {acc[0][0]}) | {format_number(acc[-1][1])} (step {acc[-1][0]}) |" \
+        in numbers  # training accuracy, missing before
+    for column in ("loss", "val_loss", "val_acc", "grad_norm", "grad_norm_max", "lr", "samples_per_s", "ram_gb"):
+        assert f"| `{column}` | " in numbers, column
+    assert "| `dev_mem_gb` | not measured: the run's device is cpu" in numbers
+    assert "| `step` |" not in numbers and "| `elapsed_s` |" not in numbers
+    shown = re.findall(r"^\| `(\w+)` \|", numbers, re.M)
+    assert shown[:4] == ["loss", "acc", "val_loss", "val_acc"]  # the experiment's metrics first, training before held-out
+
+
+def _preflight_copy(runs, tmp_path, data: dict | str) -> Path:
+    run = _copy(runs["modadd"], tmp_path)
+    (run / "preflight.json").write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
+    return run
+
+
+def test_a_preflight_report_begins_with_its_verdict_and_first_reason(runs, tmp_path):
+    run = _preflight_copy(runs, tmp_path, {"verdict": "NOT READY", "reasons": ["gate not reached: plateau at 0.888",
+                                                                                "unstable gradient norm"],
+                                           "claims": []})
+    md, html, _ = build_report(run)
+    lines = md.splitlines()
+    assert lines[0] == f"# Preflight NOT READY: modadd smoke: {run.name}"
+    assert lines[2] == "**NOT READY**: gate not reached: plateau at 0.888"
+    assert "Reasons, most important first: gate not reached: plateau at 0.888; unstable gradient norm." in md
+    body = html[html.index("<body>"):]
+    assert body.index('<p class="verdict v-not-ready"><strong>NOT READY</strong>: gate not reached') < body.index("<table")
+    summary = {"verdict": "UNCERTAIN", "summary": "UNCERTAIN: the gate is projected at step 9000 [4000, never].",
+               "reasons": ["gate interval straddles the planned steps"]}
+    # the first lines alone (drawing the figures again would only cost time)
+    from trainlab.report.markdown import to_markdown
+    from trainlab.report.render import _preflight_blocks
+
+    summary_dir = tmp_path / "s"
+    summary_dir.mkdir()
+    (summary_dir / "preflight.json").write_text(json.dumps(summary))
+    verdict, blocks = _preflight_blocks(summary_dir)
+    assert verdict == "UNCERTAIN"
+    assert to_markdown(blocks).splitlines()[0] == "**UNCERTAIN**: the gate is projected at step 9000 \\[4000, never\\]."
+    (summary_dir / "preflight.json").write_text("{\"reasons\": []}")
+    verdict, blocks = _preflight_blocks(summary_dir)
+    assert verdict is None and "preflight verdict not shown: preflight.json: has no 'verdict'" in to_markdown(blocks)
+
+
+def test_a_series_of_one_point_is_a_large_marker_named_in_the_legend():
+    """A short preflight evaluates once, at its end: beside 100 training rows that one validation
+    loss must be seen (a marker at least 6 units across, the SVG's points; a dense series' dots
+    stay under 3) and the legend says so."""
+    loss = [(2 * i, 3.0 - i / 100) for i in range(1, 51)]  # 50 rows: each a small dot
+    chart = line_chart({"loss": loss, "val_loss": [(100, 3.2)]}, "loss", "step", "loss")
+    root = _svg(chart.svg())
+    defs = {p.get("id"): p for p in root.iter(f"{SVG}path") if p.get("id")}
+    group = next(g for g in root.iter(f"{SVG}g") if g.get("id") == "series-1")
+    (use,) = list(group.iter(f"{SVG}use"))
+    marker = defs[use.get("{http://www.w3.org/1999/xlink}href")[1:]]
+    xs = [float(v) for v in re.findall(r"-?\d+\.?\d*", marker.get("d"))[::2]]
+    assert max(xs) - min(xs) >= 6
+    assert "val_loss (1 point)" in _legend(chart.figure) and "loss" in _legend(chart.figure)
+    (dense_use, *_) = [u for g in root.iter(f"{SVG}g") if g.get("id") == "series-0" for u in g.iter(f"{SVG}use")]
+    dense = defs[dense_use.get("{http://www.w3.org/1999/xlink}href")[1:]]
+    assert max(float(v) for v in re.findall(r"-?\d+\.?\d*", dense.get("d"))) < 3

@@ -34,6 +34,7 @@ def _num(row: dict, key: str) -> float | None:
 class Detector:
     name = ""
     severity = "warn"
+    reports_clearing = False  # True for a lasting condition whose verdict is the state at the run's end
 
     def __init__(self, cfg: HealthConfig, baseline: float, total_steps: int):
         self.cfg = cfg
@@ -42,6 +43,7 @@ class Detector:
         self.active = False  # the condition holds now (fired, not yet cleared)
         self.checked = 0  # rows at which the statistic could be computed (a full window, past warm-up)
         self.needs = "a full window"  # what an unchecked detector lacked, for "not measured"
+        self.cleared_at: int | None = None  # the step at which the last condition that fired stopped holding
 
     def alert(self, step: int, message: str, **evidence: Any) -> dict:
         return {"kind": "alert", "detector": self.name, "step": step, "severity": self.severity,
@@ -52,11 +54,16 @@ class Detector:
         only when `clear` holds (so noise around a threshold does not fire it again and again)."""
         self.checked += 1
         if condition and not self.active:
-            self.active = True
+            self.active, self.cleared_at = True, None
             return [self.alert(step, message, **evidence)]
         if self.active and (not condition if clear is None else clear):
-            self.active = False
+            self.active, self.cleared_at = False, step
         return []
+
+    def unjudged_reason(self, rows: int) -> str:
+        """Why this detector judged none of `rows` rows, for its "not measured" claim."""
+        return (f"never judged: {rows} rows are too few for its window or warm-up (health.window={self.cfg.window}, "
+                f"plateau_window={self.cfg.plateau_window})")
 
     def past_warmup(self, step: int) -> bool:
         return step >= self.cfg.warmup_fraction * self.total_steps
@@ -90,6 +97,8 @@ class LossWindowDetector(Detector):
 
 
 class NonFinite(Detector):
+    """A loss or gradient norm that is NaN or infinite (the trainer acts on it first, by train.nonfinite)."""
+
     name, severity = "nonfinite", "critical"
 
     def update(self, step, row):
@@ -356,6 +365,98 @@ class Grokking(Detector):
                            val_at_memorisation=self.val_at_memorisation)]
 
 
+OVERFIT_MIN_VAL_ROWS = 8  # validation rows before the loss rule judges (Mann-Kendall at alpha 0.01 needs 6 or more)
+# validation rows in a row past the gap (the docstring says "two"): one evaluation knocked down by a
+# spike is no overfitting
+OVERFIT_GAP_ROWS = 2
+
+
+class Overfitting(Detector):
+    """Memorising instead of generalising: the training metric (overfit_train_metric) at or above
+    overfit_train_level while the validation metric (overfit_val_metric) lies overfit_gap or more
+    below it on two validation rows in a row, or the validation loss (overfit_val_loss) rising
+    significantly while the training loss does not.
+
+    Both are judged on the rows that carry a validation value, the training value taken from the
+    same row.  The loss rule: Mann-Kendall (alpha) finds an upward trend in the last `window`
+    validation losses, the mean of their last fifth (at least 3 rows) is above their lowest by
+    overfit_min_rise of it, and the training loss at those rows has no upward trend (both rising is
+    divergence, not overfitting).  It clears once the gap is under half of overfit_gap and the
+    validation loss stops rising (Sen slope <= 0), so a grokking run that generalises clears it,
+    and one training row knocked down by a spike does not fire it twice.  Warm-up: the gap rule none, the
+    loss rule OVERFIT_MIN_VAL_ROWS validation rows.  Latency: the gap rule one validation row (the
+    second past the gap); the loss rule when the trend turns significant (at alpha 0.01, six or
+    more rising validation rows)."""
+
+    name = "overfitting"
+    reports_clearing = True  # a lasting condition: its claim says whether it still held at the end
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.val_losses: deque[float] = deque(maxlen=max(self.cfg.window, OVERFIT_MIN_VAL_ROWS))
+        self.train_losses: deque[float] = deque(maxlen=self.val_losses.maxlen)
+        self.gap_rows = 0  # validation rows in a row past the gap
+        self.now = ""  # the condition at the last judged row, for the claim at the run's end
+        self.now_step: int | None = None
+
+    def unjudged_reason(self, rows: int) -> str:
+        cfg = self.cfg
+        loss_rule = (f", and fewer than {OVERFIT_MIN_VAL_ROWS} rows with {cfg.overfit_val_loss}"
+                     if cfg.overfit_val_loss else "")
+        return (f"never judged: no row of {rows} holds both {cfg.overfit_train_metric} and "
+                f"{cfg.overfit_val_metric}{loss_rule}")
+
+    def update(self, step, row):
+        cfg = self.cfg
+        train, val = _num(row, cfg.overfit_train_metric), _num(row, cfg.overfit_val_metric)
+        gap_judged = train is not None and val is not None and math.isfinite(train) and math.isfinite(val)
+        gap = train - val if gap_judged else None
+        if gap_judged:
+            past = train >= cfg.overfit_train_level and gap >= cfg.overfit_gap
+            self.gap_rows = self.gap_rows + 1 if past else 0
+        gap_hit = self.gap_rows >= OVERFIT_GAP_ROWS
+        rising, loss_hit, trend, rise = self._loss_rule(row)
+        if not gap_judged and trend is None:
+            return []
+        why = []
+        if gap_hit:
+            why.append(f"{cfg.overfit_train_metric} {format_number(train)} while {cfg.overfit_val_metric} "
+                       f"{format_number(val)} (gap {format_number(gap)} >= {format_number(cfg.overfit_gap)})")
+        if loss_hit:
+            v = list(self.val_losses)
+            why.append(f"{cfg.overfit_val_loss} rising {format_number(min(v))} -> {format_number(v[-1])} "
+                       f"(+{format_number(100 * rise)} % over {len(v)} validation rows, Mann-Kendall "
+                       f"p={format_number(trend.p_value)}) while the training loss does not rise")
+        # hysteresis: the loss rule's episode lasts until the validation loss stops rising at all
+        # (Sen slope <= 0), not merely until the trend test dips below significance for a row
+        cleared = (not gap_judged or gap < cfg.overfit_gap / 2) and not rising
+        self.now, self.now_step = "; ".join(why), step
+        return self.edge(step, gap_hit or loss_hit, "overfitting: " + "; ".join(why), clear=cleared,
+                         train=train, val=val, gap=gap, val_loss_rise=rise,
+                         p_value=None if trend is None else trend.p_value)
+
+    def _loss_rule(self, row: dict) -> tuple[bool, bool, stats.TrendTest | None, float | None]:
+        """(validation loss still going up: Sen slope > 0, the loss rule holds, the trend test, the
+        relative rise); the test is None until OVERFIT_MIN_VAL_ROWS validation losses are there."""
+        cfg = self.cfg
+        val_loss, loss = _num(row, cfg.overfit_val_loss) if cfg.overfit_val_loss else None, _num(row, "loss")
+        if val_loss is None or loss is None or not (math.isfinite(val_loss) and math.isfinite(loss)):
+            return False, False, None, None
+        self.val_losses.append(val_loss)
+        self.train_losses.append(loss)
+        if len(self.val_losses) < OVERFIT_MIN_VAL_ROWS:
+            return False, False, None, None
+        values = list(self.val_losses)
+        trend = stats.mann_kendall(values, alpha=cfg.alpha)
+        lowest = min(values)
+        _, recent = _ends(values)
+        rise = (recent - lowest) / abs(lowest) if lowest else math.inf
+        significant = trend.trend == "increasing"
+        train_rising = stats.mann_kendall(list(self.train_losses), alpha=cfg.alpha).trend == "increasing"
+        hit = significant and not train_rising and rise >= cfg.overfit_min_rise
+        return trend.sen_slope > 0, hit, trend, rise
+
+
 class GradRegime(Detector):
     """A change of the gradient-norm level by grad_regime_ratio or more within the last
     2 x window rows (a two-segment likelihood-ratio split on log grad norm)."""
@@ -390,7 +491,7 @@ class GradRegime(Detector):
                                  f"{len(self.norms) - cp.index} rows ago", ratio=ratio, llr=cp.llr)]
 
 
-DETECTORS = (NonFinite, Divergence, Spike, Plateau, StuckAtBaseline, Collapse, Grokking, GradRegime)
+DETECTORS = (NonFinite, Divergence, Spike, Plateau, StuckAtBaseline, Collapse, Grokking, Overfitting, GradRegime)
 
 
 def policy_of(cfg: HealthConfig, name: str) -> str:

@@ -1,7 +1,8 @@
 """The document model of the reports: a list of blocks that trainlab.report.markdown and
 trainlab.report.html each render, so report.md and report.html never say different things.
 
-Text in a block is plain text (the writers escape it) or a list mixing plain text and `Code`."""
+Text in a block is plain text (the writers escape it) or a list mixing plain text, `Code` and
+`Strong`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ class Code(str):
     """Text shown as code (column names, event kinds, paths)."""
 
 
-Text = Union[str, list]  # plain text, Code, or a list of both
+class Strong(str):
+    """Text shown in bold (a verdict that a reader must see first)."""
+
+
+Text = Union[str, list]  # plain text, Code, Strong, or a list of them
 
 
 @dataclass
@@ -25,7 +30,7 @@ class Heading:
 @dataclass
 class Para:
     text: Text
-    css: str = ""  # "missing" (something not measured) or "note" (how a number was read)
+    css: str = ""  # "missing" (something not measured), "note" (how a number was read), "verdict v-..."
 
 
 @dataclass

@@ -46,6 +46,9 @@ REFERENCE_COLOUR = "#333333"
 MARKER_COLOUR = "#7f3f98"
 NOTE_COLOUR = "#a0522d"
 DOTS_UP_TO = 60  # a series with at most this many points shows each one as a dot
+SPARSE_UP_TO = 20  # ... and with fewer than this, as a large dot: a single evaluation at a preflight's end
+# beside a hundred training rows is a dot the eye must find, not a speck under the line's end
+DOT_SIZE, SPARSE_DOT_SIZE = 3.0, 7.0  # marker diameters in points
 MARKER_ROWS = 3  # event labels above the plot stack in up to this many rows; the rest stay tooltips
 ROW_HEIGHT, TAB_HEIGHT = 11.0, 12.0  # points: a row of event labels, the band tabs under them
 # A chart's layout, in inches (100 px each in the SVG): fixed margins rather than matplotlib's
@@ -216,9 +219,12 @@ def line_chart(series: Mapping[str, Sequence] | Sequence[tuple[str, Sequence]], 
                 empty.append(name)
             dots = None if len(finite) > DOTS_UP_TO else slice(None)
             lonely = _isolated(ys) if dots is None else []
+            label = name + (" (1 point)" if len(finite) == 1 else "")
             line, = ax.plot(xs, ys, color=PALETTE[k % len(PALETTE)], lw=1.6,
-                            linestyle=DASHES[(k // len(PALETTE)) % len(DASHES)], label=_plain(name),
-                            marker="o" if dots is not None or lonely else None, markersize=3,
+                            linestyle=DASHES[(k // len(PALETTE)) % len(DASHES)], label=_plain(label),
+                            marker="o" if dots is not None or lonely else None,
+                            markersize=SPARSE_DOT_SIZE if len(finite) < SPARSE_UP_TO else DOT_SIZE,
+                            markeredgecolor="white" if len(finite) < SPARSE_UP_TO else None, markeredgewidth=0.8,
                             markevery=dots if dots is not None else (lonely or None), gid=f"series-{k}")
             chart.tooltips[line.get_gid()] = name
         for k, (y, label) in enumerate(hlines):

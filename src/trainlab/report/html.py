@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from html import escape as _escape
 from typing import Any
 
-from trainlab.report.document import Code, Figure, Heading, Para, Table
+from trainlab.report.document import Code, Figure, Heading, Para, Strong, Table
 
 _WS = re.compile(r"\s+")
 _NUMERIC = re.compile(r"^-?[\d.]+(e-?\d+)?( \(step \d+\))?$")
@@ -33,6 +33,9 @@ p.missing { color: #8a4b08; font-style: italic; }
 p.note { font-size: 13px; color: #555; }
 td.v-pass { background: #d9f0e3; } td.v-warn { background: #fbe8c8; } td.v-fail { background: #f8d0d0; }
 td.v-info { background: #e6eef8; } td.v-not-measured { color: #777; font-style: italic; }
+p.verdict { font-size: 16px; padding: 8px 12px; border-left: 6px solid #999; background: #f2f2f2; }
+p.v-ready { border-color: #2e8b57; background: #d9f0e3; } p.v-not-ready { border-color: #c0392b; background: #f8d0d0; }
+p.v-uncertain { border-color: #d68910; background: #fbe8c8; }
 """
 
 
@@ -43,7 +46,11 @@ def escape(text: str) -> str:
 
 
 def _piece(text: str) -> str:
-    return f"<code>{escape(text)}</code>" if isinstance(text, Code) and str(text) else escape(text)
+    if isinstance(text, Code) and str(text):
+        return f"<code>{escape(text)}</code>"
+    if isinstance(text, Strong) and str(text):
+        return f"<strong>{escape(text)}</strong>"
+    return escape(text)
 
 
 def _rich(x: Any) -> str:

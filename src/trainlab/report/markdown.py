@@ -9,7 +9,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from trainlab.report.document import Code, Figure, Heading, Para, Table
+from trainlab.report.document import Code, Figure, Heading, Para, Strong, Table
 
 _WS = re.compile(r"\s+")
 _SPECIAL = re.compile(r"([\\`*_\[\]<>|&~#])")
@@ -26,6 +26,9 @@ def _piece(text: str) -> str:
         if not body:
             return ""
         return f"`` {body} ``" if "`" in body else f"`{body}`"
+    if isinstance(text, Strong):
+        body = escape(text).strip()
+        return f"**{body}**" if body else ""
     return escape(text)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from trainlab.engine.logs import SAMPLES_FILE, read_events
 from trainlab.formatting import format_duration, format_number
 from trainlab.health.claims import Claim
-from trainlab.report.document import Code, Figure, Heading, Para, Table
+from trainlab.report.document import Code, Figure, Heading, Para, Strong, Table
 from trainlab.report.html import inline_svg, to_html
 from trainlab.report.markdown import to_markdown
 from trainlab.report.run import (PLOT_PREFIX, ROUTINE_EVENTS, Baseline, RunData, baseline, event_detail,
@@ -151,14 +151,24 @@ def _plots(run: RunData, base: Baseline) -> list[_Plot]:
 
 # ============================================================================ tables
 
+NOT_METRICS = ("step", "attempt", "elapsed_s")  # bookkeeping of the log, not measurements of the run
+DEVICE_MEMORY = ("dev_mem_gb", "peak_dev_mem_gb")
+
+
 def _numbers(run: RunData) -> Table | None:
+    """Every metric the run logged: the loss, the experiment's training and held-out metrics (those
+    it declares are listed even when absent, as not measured), then every other column."""
     metrics = ["loss"]
     if run.experiment is not None:
-        metrics += list(run.experiment.eval_metrics)
-    else:
-        metrics += [c for c in run.header if c.startswith("val_")]
+        metrics += list(run.experiment.train_metrics) + list(run.experiment.eval_metrics)
+    metrics += [c for c in run.header if c not in NOT_METRICS and c not in metrics]
+    on_cpu = str(run.first_start.get("device", "")).startswith("cpu")
     rows = []
-    for m in metrics:
+    for m in dict.fromkeys(metrics):
+        if on_cpu and m in DEVICE_MEMORY:
+            rows.append([Code(m), "not measured: the run's device is cpu, which has no device-memory counter "
+                         "(the column holds 0)", "", "", "", "", ""])
+            continue
         s = run.series(m)
         finite = [(st, v) for st, v in s if math.isfinite(v)]
         bad = len(s) - len(finite)
@@ -239,6 +249,47 @@ def _header(run: RunData, base: Baseline, experiment: str, preset: str) -> Table
                                     ["run directory", Code(str(run.path))]], css="header")
 
 
+def _verdict_counts(claims: list[Claim]) -> str:
+    """'In short: 1 warn (spike); 5 pass; 2 not measured (collapse, grad_regime).' -- the worst first,
+    each named but the passes."""
+    parts = []
+    for verdict in ("fail", "warn", "info", "pass", "not measured"):
+        names = [c.name for c in claims if c.verdict == verdict]
+        if names:
+            parts.append(f"{len(names)} {verdict}" + ("" if verdict == "pass" else f" ({', '.join(names)})"))
+    return "In short: " + "; ".join(parts) + "."
+
+
+VERDICT_CSS = {"READY": "v-ready", "NOT READY": "v-not-ready", "UNCERTAIN": "v-uncertain"}
+
+
+def _preflight_blocks(run_dir: Path) -> tuple[str | None, list]:
+    """(the verdict, the paragraphs that say it) from preflight.json: a preflight's report begins
+    with the verdict and its first reason, in words.  (None, []) for a run that is no preflight."""
+    from trainlab.health.evidence import preflight_verdict
+
+    try:
+        found = preflight_verdict(run_dir)
+    except ValueError as exc:  # the report still shows everything else
+        return None, [Para(f"preflight verdict not shown: {exc}", css="missing")]
+    if found is None:
+        return None, []
+    css = f"verdict {VERDICT_CSS.get(found.verdict, '')}".strip()
+    summary = found.summary
+    if summary.startswith(found.verdict):  # "NOT READY: ..." -- the verdict is shown once, in bold
+        summary = summary[len(found.verdict):].lstrip(" :")
+    why = summary or (found.reasons[0] if found.reasons else "")
+    if not why:
+        why = ("no measurement failed or was uncertain (the verdicts below)" if found.verdict == "READY"
+               else "preflight.json gives no reason")
+    first = [Strong(found.verdict), f": {why}"]
+    blocks = [Para(first, css=css)]
+    if len(found.reasons) > 1 or (found.reasons and found.reasons[0] != why):
+        reasons = "; ".join(r.rstrip(".") for r in found.reasons)
+        blocks.append(Para(f"Reasons, most important first: {reasons}.", css="note"))
+    return found.verdict, blocks
+
+
 # ============================================================================ the report
 
 @dataclass
@@ -256,7 +307,9 @@ def _assemble(run_dir: Path, claims: list[Claim] | None, title: str | None) -> _
     preset = str(cfg.get("preset", "")) or "(none)"
     title = title or f"{experiment} {preset}: {run.path.name}"
     base = baseline(run)
-    blocks: list = [Heading(1, f"Run report: {title}"), _header(run, base, experiment, preset)]
+    verdict, verdict_blocks = _preflight_blocks(run.path)
+    heading = f"Preflight {verdict}: {title}" if verdict else f"Run report: {title}"
+    blocks: list = [Heading(1, heading), *verdict_blocks, _header(run, base, experiment, preset)]
 
     blocks.append(Heading(2, "Verdicts"))
     if claims is None:
@@ -265,6 +318,7 @@ def _assemble(run_dir: Path, claims: list[Claim] | None, title: str | None) -> _
     elif not claims:
         blocks.append(Para("no verdicts: the list of claims given is empty", css="missing"))
     else:
+        blocks.append(Para(_verdict_counts(claims), css="note"))
         blocks.append(Table(["name", "verdict", "value", "evidence", "source"],
                             [[c.name, c.verdict, c.value, c.evidence, c.source] for c in claims], css="verdicts"))
 

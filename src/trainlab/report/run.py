@@ -118,9 +118,9 @@ def load_run(run_dir: Path) -> RunData:
     if config is not None:
         try:
             from trainlab.config import build_saved
-            from trainlab.experiment import get_experiment
+            from trainlab.experiment import experiment_for
 
-            exp = run.experiment = get_experiment(str(config.get("experiment")))
+            exp = run.experiment = experiment_for(config, "config.yaml")
             run.cfg = build_saved(exp, config)
         except Exception as exc:  # an unknown experiment or a config this version refuses
             run.cfg_note = brief(exc, 200)
@@ -228,11 +228,18 @@ def event_label(event: dict, curriculum_name: str) -> str:
     return kind
 
 
+EVENT_FIRST = ("detector", "severity", "message", "detail", "reason")  # shown first, and always whole
+
+
 def event_detail(event: dict, run_dir: Path, limit: int = 160) -> str:
-    """An event's fields on one line, what a reader wants first first, paths relative to the run."""
+    """An event's fields on one line, what a reader wants first first, paths relative to the run.
+    Never cut inside a field: the fields of EVENT_FIRST are always whole (a message cut off
+    mid-sentence says something else), the others while they fit in `limit` characters, the rest
+    counted ("+2 more fields in events.jsonl")."""
     parts = []
-    first = ("detector", "severity", "message", "detail", "reason")
-    ordered = sorted(event.items(), key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))
+    ordered = sorted(event.items(), key=lambda kv: EVENT_FIRST.index(kv[0]) if kv[0] in EVENT_FIRST
+                     else len(EVENT_FIRST))
+    left = 0
     for k, v in ordered:
         if k in ("time", "kind", "step"):
             continue
@@ -242,9 +249,14 @@ def event_detail(event: dict, run_dir: Path, limit: int = 160) -> str:
             v = format_number(v, 6)
         elif isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
-        parts.append(f"{k}={v}")
-    text = ", ".join(parts)
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+        part = f"{k}={v}"
+        if k in EVENT_FIRST or (not left and len(", ".join(parts + [part])) <= limit):
+            parts.append(part)
+        else:
+            left += 1
+    if left:
+        parts.append(f"+{left} more field{'s' if left != 1 else ''} in events.jsonl")
+    return ", ".join(parts)
 
 
 def event_markers(run: RunData) -> list[tuple[float, str, str]]:
