@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_target_options(p: argparse.ArgumentParser, steps_help: str = "shorthand for --set train.steps=N") -> None:
-    p.add_argument("target", help="experiment name (trainlab list) or a YAML config file")
+    p.add_argument("target", help="experiment name (trainlab list), a YAML config file, or your own experiment: "
+                                  "path/to/file.py:NAME or package.module:NAME (docs/adding-an-experiment.md)")
     p.add_argument("--preset", help="preset of the experiment (default: the experiment's default)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train (resumes automatically from the run directory)")
     _add_target_options(run)
     run.add_argument("--run-dir", help="run directory (default: runs/<experiment>-<preset>)")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="where to train: auto (default) = CUDA if available, else MPS, else the CPU")
     run.add_argument("--fresh", action="store_true",
                      help="start from step 0; an existing run directory is moved aside, never deleted")
 
@@ -55,12 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--planned-steps", type=int, help="steps of the real run, for the ETA and the projection "
                                                        "(default: train.steps)")
     pre.add_argument("--max-seconds", type=float, default=300.0, help="time budget of the preflight run")
+    pre.add_argument("--target", dest="targets", action="append", default=[], metavar="'METRIC>=LEVEL'",
+                     help="a goal of the run, projected to the planned step: a logged metric, >=, <=, > or <, a "
+                          "level, e.g. --target 'val_acc>=0.9' (quoted: the shell reads > as a redirection; "
+                          "repeatable; READY needs every goal projected to be reached)")
 
     check = sub.add_parser("check", help="run the health detectors over a run directory's metrics")
-    check.add_argument("run_dir")
+    check.add_argument("run_dir", help="a run directory, e.g. runs/modadd-quick (its metrics.csv and config.yaml "
+                                       "are read; the verdicts go to check.json there)")
 
     report = sub.add_parser("report", help="write report.md and report.html for a run directory")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run directory, e.g. runs/modadd-quick, or a sweep directory")
 
     sweep = sub.add_parser("sweep", help="a grid of runs, K at a time, each its own process; then the sweep report")
     sweep.add_argument("target", nargs="?", help="experiment name, a run-config YAML, or a sweep YAML (one with "
@@ -90,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "as it stands, run nothing")
 
     runs = sub.add_parser("runs", help="the runs under a root with their status")
-    runs.add_argument("root", nargs="?", default="runs")
+    runs.add_argument("root", nargs="?", default="runs", help="where to look for run directories (default: runs)")
 
     show = sub.add_parser("config", help="print the resolved config of a target as YAML")
     _add_target_options(show)
@@ -98,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_list(args) -> int:
-    from trainlab.experiment import registry
+    from trainlab.experiment import available
 
-    for exp in registry().values():
-        print(f"{exp.name}: {exp.description}")
+    for item in available():
+        exp, origin = item.experiment, f" (from {item.origin})" if item.origin else ""
+        if exp is None:  # an installed one that does not load or is shadowed: one line, the others still listed
+            print(f"{item.name} ({item.origin}): {item.problem}")
+            continue
+        print(f"{exp.name}: {exp.description}{origin}")
         for name, preset in exp.presets.items():
             mark = " (default)" if name == exp.default_preset else ""
             print(f"  {exp.name} --preset {name}{mark}: {preset.description}")
@@ -205,6 +216,7 @@ def _print_claims(claims) -> None:
 
 
 def cmd_preflight(args) -> int:
+    from trainlab.health.goals import declared_goals
     from trainlab.health.preflight import run_preflight
     from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
 
@@ -217,6 +229,7 @@ def cmd_preflight(args) -> int:
         raise UsageError(f"--planned-steps {planned}: must be >= 1")
     if not args.max_seconds > 0:  # NaN too: it compares false with everything, so it would never end the run
         raise UsageError(f"--max-seconds {args.max_seconds}: must be > 0")
+    declared_goals(experiment, cfg, args.targets)  # a bad --target is refused before anything is written
     device = resolve_device(args.device)
     run_dir = Path(args.run_dir) if args.run_dir else Path(f"{default_run_dir(cfg)}-preflight")
     launch = Launch(experiment, cfg, run_dir, device)
@@ -224,7 +237,7 @@ def cmd_preflight(args) -> int:
     for note in launch.notes:
         print(f"trainlab: {note}", file=sys.stderr)
     with launch.holding():
-        result = run_preflight(experiment, cfg, device, run_dir, steps, planned, args.max_seconds)
+        result = run_preflight(experiment, cfg, device, run_dir, steps, planned, args.max_seconds, args.targets)
     _print_claims(result.claims)
     why = f": {'; '.join(result.reasons)}" if result.reasons else ""
     print(f"trainlab: preflight {result.verdict}{why} -> {run_dir / 'report.md'}")

@@ -38,9 +38,15 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = N
 # The sections every experiment shares
 # --------------------------------------------------------------------------------------------
 
+# A billion optimizer steps is 11.6 days at 1000 steps/s, beyond any run of the small networks trainlab
+# is for; a larger number is a typo (an exponent, a group of zeros too many), refused before a run
+# plans its LR schedule and its ETA on it.
+MAX_STEPS = 10**9
+
+
 @dataclass
 class TrainConfig:
-    steps: int = knob(1000, "optimizer steps in the whole run", ge=1)
+    steps: int = knob(1000, f"optimizer steps in the whole run, at most {MAX_STEPS:,}", ge=1)
     micro_batch: int = knob(32, "samples per forward/backward pass", ge=1)
     accum: int = knob(1, "micro-batches per optimizer step (effective batch = micro_batch x accum)", ge=1)
     clip: float = knob(1.0, "global gradient-norm clip; 0 disables clipping (the norm is still logged)", ge=0)
@@ -55,6 +61,13 @@ class TrainConfig:
                 "gradient norm is not applied -- costs one host sync per step); rollback (reload the last "
                 "checkpoint before the interval, scale the LR, up to health.rollback_max times). Checkpoints "
                 "from a non-finite interval are set aside under stop and rollback")
+
+    def check(self, prefix: str) -> None:
+        """Cross-field rules, after every field passed its own."""
+        if self.steps > MAX_STEPS:
+            shown = f"{self.steps:.3g}" if self.steps >= 10**12 else f"{self.steps:,}"
+            raise ConfigError(f"{prefix}.steps", f"allowed: 1 to {MAX_STEPS:,} (a billion steps is more than any "
+                                                 f"run trainlab is for); got {shown}")
 
 
 @dataclass
@@ -207,6 +220,9 @@ class HealthConfig:
     collapse: Policy = knob("warn", "collapse_metric below collapse_min, rank_metric falling, or bounds violated")
     grad_regime: Policy = knob("warn", "a change of the gradient-norm level by grad_regime_ratio or more")
     grokking: Literal["off", "warn"] = knob("warn", "report memorisation and generalisation steps (an event, no action)")
+    overfitting: Literal["off", "warn", "stop"] = knob(
+        "warn", "memorising, not generalising: the training metric high while the validation metric stays far below "
+                "it, or the validation loss rising while the training loss does not (stop: early stopping)")
     window: int = knob(20, "rows (log steps) the trend and spike statistics look back over", ge=5)
     alpha: float = knob(0.01, "significance level of the trend and baseline tests", gt=0, lt=0.5)
     warmup_fraction: float = knob(0.1, "fraction of train.steps before stuck/plateau/divergence may fire", ge=0, lt=1)
@@ -230,8 +246,31 @@ class HealthConfig:
     grok_val_metric: str = knob("val_acc", "validation accuracy metric for grokking")
     grok_train_level: float = knob(0.99, "training accuracy that marks memorisation", gt=0, le=1)
     grok_val_level: float = knob(0.9, "validation accuracy that marks generalisation", gt=0, le=1)
+    overfit_train_metric: str = knob("acc", "training accuracy-like metric (higher is better) for overfitting")
+    overfit_val_metric: str = knob("val_acc", "its held-out counterpart")
+    overfit_train_level: float = knob(0.95, "overfitting needs the training metric at or above this", gt=0, le=1)
+    overfit_gap: float = knob(0.2, "and the validation metric this far below it; clears when the gap is under half of it",
+                              gt=0, le=1)
+    overfit_val_loss: str = knob("val_loss", "held-out loss whose significant rise (while the training loss does not "
+                                             "rise) is overfitting too; empty = none")
+    overfit_min_rise: float = knob(0.05, "that rise must lift the recent validation loss by this fraction above its "
+                                         "lowest value in the window", ge=0)
     rollback_lr_factor: float = knob(0.5, "rollback policy: LR multiplied by this after reloading", gt=0, lt=1)
     rollback_max: int = knob(3, "rollback policy: retries before the run stops", ge=1)
+    targets: list[str] = knob(factory=list, help=(
+        "goals of the run that trainlab preflight projects to the planned step, each 'METRIC OP LEVEL' with OP one "
+        "of >=, <=, >, < and METRIC a logged metric, e.g. [\"val_acc>=0.9\"]; READY needs every one projected to "
+        "be reached (besides the curriculum's gate). trainlab run does not act on them"))
+
+    def check(self, prefix: str) -> None:
+        """Each target must parse; whether its metric is logged, the experiment checks (check_config)."""
+        from trainlab.health.goals import parse_target  # standard library only
+
+        for i, text in enumerate(self.targets):
+            try:
+                parse_target(text)
+            except ValueError as exc:
+                raise ConfigError(f"{prefix}.targets[{i}]", f"{exc}; got {_show(text)}") from None
 
 
 @dataclass
@@ -248,6 +287,11 @@ class CallbackSpec:
 @dataclass
 class RunConfig:
     experiment: str = knob("modadd", "experiment name (trainlab list)")
+    # Written only when set, so the configs of built-in and installed experiments stay as they were.
+    experiment_ref: str = field(default="", metadata={
+        "help": "where an experiment that is neither built in nor installed is defined: an absolute "
+                "'/path/to/file.py:NAME' or 'package.module:NAME'; set from TARGET, not with --set",
+        "omit_empty": True})
     preset: str = knob("", "preset the config started from")
     train: TrainConfig = knob(factory=TrainConfig, help="the loop")
     optim: OptimConfig = knob(factory=OptimConfig, help="the optimizer")
@@ -447,7 +491,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain data (dicts, lists, scalars) for YAML; tuples become lists."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if getattr(obj, f.name) or not f.metadata.get("omit_empty")}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -546,9 +591,9 @@ def resolve(experiment: Any, preset: str, file_data: dict | None = None,
     root_types = {"model": experiment.model_config, "data": experiment.data_config}
     data = merge(default_data(experiment, preset), experiment.presets[preset].overrides)
     if file_data:
-        data = merge(data, {k: v for k, v in file_data.items() if k not in ("experiment", "preset")})
+        data = merge(data, {k: v for k, v in file_data.items() if k not in ("experiment", "experiment_ref", "preset")})
     for key, raw in overrides or []:
-        if key in ("experiment", "preset"):
+        if key in ("experiment", "experiment_ref", "preset"):
             raise ConfigError(key, "cannot be changed with --set; give it as TARGET or --preset")
         tp, meta = _field_type(root_types, key)
         value = to_dict(coerce(raw, tp, key, meta))  # validated now; kept as plain data for build()
@@ -562,7 +607,9 @@ def resolve(experiment: Any, preset: str, file_data: dict | None = None,
 
 def default_data(experiment: Any, preset: str = "") -> dict:
     """Every key of a run of `experiment` at its dataclass default, as plain data."""
-    return to_dict(RunConfig(experiment=experiment.name, preset=preset,
+    from trainlab.experiment import reference_of  # loaded already: `experiment` is one of its classes
+
+    return to_dict(RunConfig(experiment=experiment.name, experiment_ref=reference_of(experiment), preset=preset,
                              model=experiment.model_config(), data=experiment.data_config()))
 
 
@@ -581,7 +628,7 @@ def build(experiment: Any, data: dict) -> RunConfig:
     kwargs = {}
     hints = _hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
-        value = data.get(f.name)
+        value = data.get(f.name, f.default if f.metadata.get("omit_empty") else None)
         if f.name in ("model", "data"):
             if not isinstance(value, dict):
                 raise ConfigError(f.name, f"expected a mapping, got {_show(value)}")

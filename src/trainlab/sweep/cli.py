@@ -25,6 +25,7 @@ def _steps_list(text: str | None) -> list[int] | None:
 
 
 def build_spec(args) -> SweepSpec:
+    from trainlab.experiment import canonical_reference, is_reference
     from trainlab.sweep.runner import gpu_ids
 
     file: dict = {}
@@ -45,6 +46,8 @@ def build_spec(args) -> SweepSpec:
             raise UsageError(f"sweep: {key} is both a grid key and a --set; the grid gives it its values")
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         target = str(Path(target).resolve())  # points may start in another directory (Ray workers)
+    elif is_reference(target):  # the same for an experiment in the user's own file
+        target = canonical_reference(target)
     parallel = args.parallel if args.parallel is not None else file.get("parallel", 1)
     if parallel < 1:
         raise UsageError(f"--parallel {parallel}: must be >= 1")
