@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 
 from conftest import assert_same_weights, final_weights, history, spawn, trainlab
 from trainlab.engine.logs import read_events, read_header, read_rows
@@ -40,6 +41,11 @@ def test_smoke_writes_seed_columns_promotes_and_maps_bits(tmp_path: Path):
     assert promotions == [(5, 1, 2), (10, 2, 4)]
     rows = history(tmp_path / "r")
     assert [r["rounds"] for r in rows][:3] == [1, 2, 4] and rows[0]["accuracy"] == rows[0]["acc"]
+    # the bit accuracy of each state word a..h: acc is their mean (each word holds 32 of the 256 bits)
+    words = [f"acc_word_{w}" for w in "abcdefgh"]
+    assert all(c in header for c in words), header
+    for r in rows:
+        assert sum(r[w] for w in words) / 8 == pytest.approx(r["acc"], abs=1e-6)
     arrays = [json.loads(line) for line in (tmp_path / "r" / "eval_arrays.jsonl").read_text().splitlines()]
     maps = [a for a in arrays if a["name"] == "bit_acc_map"]
     assert maps and maps[0]["shape"] == [8, 32] and all(0 <= v <= 1 for v in maps[0]["values"])
@@ -79,3 +85,24 @@ def test_seed_preset_is_the_seed_document_setting(tmp_path: Path):
 def test_rounds_outside_sha256_are_refused(tmp_path: Path):
     out = trainlab(*SMOKE, "--set", "curriculum.values=[8,65,64]", "--run-dir", "x", cwd=tmp_path)
     assert out.returncode == 2 and "curriculum.values[1]" in out.stderr and not (tmp_path / "x").exists()
+
+
+def test_preflight_names_the_words_at_chance_and_is_not_ready_below_the_gate(tmp_path: Path):
+    """The quick preset's stall, on the smoke model at 8 rounds (the quick preflight itself takes
+    about 30 s): words a and e -- the two the round function computes -- sit at chance, so bit
+    accuracy can reach at most about (6 + 2 x 0.5) / 8 and the 0.95 gate is never passed, while
+    the loss falls."""
+    out = trainlab("preflight", "sha256", "--preset", "smoke", "--steps", "60", "--planned-steps", "100000",
+                   "--set", "curriculum.values=[8,16]", "--set", "curriculum.gates=[0.95,1.0]",
+                   "--set", "curriculum.min_steps=[0,0]", "--set", "log.progress=off", "--run-dir", "pf", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    saved = json.loads((tmp_path / "pf" / "preflight.json").read_text())
+    claims = {c["name"]: c for c in saved["claims"]}
+    assert saved["parts"]["at_chance"] == ["acc_word_a", "acc_word_e"]
+    assert claims["learning signal"]["value"].startswith("learning")
+    assert saved["verdict"] == "NOT READY" and saved["reasons"][0].startswith(
+        "gate 0.95 on acc not reached: acc can reach at most 0.87"), saved["reasons"]
+    assert "while 2 of 8 parts sit at chance 0.5 (acc_word_a, acc_word_e)" in saved["reasons"][0]
+    assert saved["learning"]["projection"]["lower_bound"] == pytest.approx(2 * 0.6931471805599453 / 8)
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"trainlab: preflight NOT READY: {saved['reasons'][0]}"), last

@@ -14,8 +14,14 @@ run.  Here each question is answered by a measurement with its method named:
   6. resume: the checkpoint taken mid-run, reloaded in a fresh trainer, reproduces the next steps'
      losses;
   7. projection: an ensemble curve fit of the loss to the planned step, with an interval, labelled
-     as a projection.
-Verdict READY / NOT READY / UNCERTAIN; exit code 0 / 1 / 1.
+     as a projection (its floor raised by what the parts at chance cost);
+  8. goals (health/goals.py): the curriculum's gate, the user's targets and the experiment's own
+     goal, each projected to the planned step; per-part metrics say which parts learn and which
+     sit at chance.
+Verdict READY / NOT READY / UNCERTAIN; exit code 0 / 1 / 1.  READY needs every goal projected to be
+reached within the planned steps; a goal projected to be missed is NOT READY, one whose interval
+straddles it UNCERTAIN, and that reason comes first.  preflight.json begins with the verdict, a
+one-sentence summary (the verdict and its first reason) and the reasons.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import psutil
 import torch
@@ -35,13 +42,14 @@ import torch
 from trainlab.config import RunConfig
 from trainlab.engine.callbacks import Callback
 from trainlab.engine.checkpoint import step_dir_name
-from trainlab.engine.logs import read_metrics
+from trainlab.engine.logs import read_events, read_metrics
 from trainlab.engine.trainer import Trainer
 from trainlab.errors import TrainingStopped
 from trainlab.experiment import Experiment
 from trainlab.formatting import format_number
 from trainlab.health import stats
 from trainlab.health.claims import Claim
+from trainlab.health.goals import GoalJudgement, declared_goals, gate_goal, judge_goal, judge_parts
 from trainlab.launch import run_watchers
 from trainlab.report.render import write_report
 
@@ -113,16 +121,20 @@ class PreflightResult:
     details: dict = field(default_factory=dict)
 
 
-def preflight_config(cfg: RunConfig, steps: int) -> RunConfig:
+GOAL_EVALUATIONS = 20  # evaluations in a preflight whose goal is on a held-out metric
+
+
+def preflight_config(cfg: RunConfig, steps: int, eval_every: int = 0) -> RunConfig:
     """The run's own config with preflight's logging: ~100 rows, a checkpoint half-way for the
-    resume check, no periodic evaluation (one at the end)."""
+    resume check, an evaluation at the end -- and every `eval_every` steps when a goal is on a
+    held-out metric, so that it has a trend to project (0: no periodic evaluation)."""
     pre = copy.deepcopy(cfg)
     pre.train.steps = steps
     pre.log.every = max(1, steps // 100)
     pre.ckpt.every = max(1, steps // 2)
     pre.ckpt.keep = 10
     pre.ckpt.best_metric = ""
-    pre.eval.every = 0
+    pre.eval.every = eval_every
     pre.eval.at_end = True
     return pre
 
@@ -177,8 +189,15 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> t
 
 
 def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, run_dir: Path,
-                  steps: int, planned_steps: int, max_seconds: float) -> PreflightResult:
-    pre = preflight_config(cfg, steps)
+                  steps: int, planned_steps: int, max_seconds: float, targets: Sequence[str] = ()) -> PreflightResult:
+    """`targets`: the user's goals, 'METRIC OP LEVEL' (--target); with health.targets, the
+    experiment's own goal and the curriculum's gate they are judged in claim 8."""
+    goals = declared_goals(experiment, cfg, targets)
+    # A goal on a held-out metric needs a trend of it: evaluate GOAL_EVALUATIONS times instead of
+    # once at the end.  Cost: that many evaluations (sha256 quick: 2048 samples each; measured in
+    # docs/health.md).
+    on_eval = any(g.metric in experiment.eval_metrics for g in goals)
+    pre = preflight_config(cfg, steps, max(1, steps // GOAL_EVALUATIONS) if on_eval else 0)
     claims: list[Claim] = []
     fails: list[str] = []
     warns: list[str] = []
@@ -210,6 +229,19 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         fails.append(claim.value)
     elif claim.verdict in ("warn", "not measured"):  # too noisy, too few rows to tell
         warns.append(claim.value)
+
+    # ---- 8. goals (right after the learning signal: they decide whether learning is enough) ------
+    parts_claim, parts = judge_parts(experiment.parts, rows)
+    if parts_claim is not None:
+        claims.append(parts_claim)
+    curriculum_claim, gate = _curriculum(cfg, trainer, run_dir)
+    if curriculum_claim is not None:
+        claims.append(curriculum_claim)
+    judged: list[GoalJudgement] = [judge_goal(g, rows, planned_steps, experiment, parts)
+                                   for g in ([gate] if gate else []) + goals]
+    claims += [j.claim for j in judged]
+    goal_fails = [j.reason for j in judged if j.status == "not reached"]
+    goal_warns = [j.reason for j in judged if j.status in ("uncertain", "not measured")]
 
     # ---- 2. gradients --------------------------------------------------------------------------
     norms = [r["grad_norm"] for r in rows if isinstance(r.get("grad_norm"), (int, float))]
@@ -296,32 +328,77 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
     # ---- 7. projection ---------------------------------------------------------------------------
     pts = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
     if len(pts) >= 10 and planned_steps > done_steps:
-        proj = stats.project([p[0] for p in pts], [p[1] for p in pts], planned_steps,
-                             lower_bound=experiment.loss_lower_bound)
+        # no projection may count on the parts at chance: their loss is added to the floor
+        floor = experiment.loss_lower_bound
+        raised = parts.loss_floor() if parts is not None and floor is not None else 0.0
+        if raised:
+            floor += raised
+        proj = stats.project([p[0] for p in pts], [p[1] for p in pts], planned_steps, lower_bound=floor)
         best = max(proj.families, key=lambda k: proj.families[k][3])
+        floor_note = (f"; floor {format_number(floor)} = the loss's lower bound {format_number(experiment.loss_lower_bound)}"
+                      f" + {format_number(raised)}, as {parts.why_capped()}" if raised else "")
         claims.append(Claim("projection (not a measurement)", "info",
                             f"loss at step {planned_steps}: {format_number(proj.value)} [{format_number(proj.interval[0])}, "
-                            f"{format_number(proj.interval[1])}] (90 % bootstrap interval)",
+                            f"{format_number(proj.interval[1])}] (90 % bootstrap interval)"
+                            + (f", floor {format_number(floor)} (parts at chance)" if raised else ""),
                             f"AIC-weighted ensemble of power/exp/log fits, heaviest {best}; extrapolates "
-                            f"{format_number(proj.extrapolation_ratio, 3)}x beyond the last measured step", "metrics.csv loss"))
-        learn["projection"] = {"value": proj.value, "interval": list(proj.interval)}
+                            f"{format_number(proj.extrapolation_ratio, 3)}x beyond the last measured step{floor_note}",
+                            "metrics.csv loss"))
+        learn["projection"] = {"value": proj.value, "interval": list(proj.interval), "lower_bound": floor}
     else:
         claims.append(Claim("projection (not a measurement)", "not measured",
                             "too few rows or planned steps not beyond the preflight", "-", "-"))
 
+    # a goal that will be missed is the reason a person needs first: the run may be healthy otherwise
+    fails, warns = goal_fails + fails, goal_warns + warns
     if fails:
         verdict = "NOT READY"
     elif warns:
         verdict = "UNCERTAIN"
     else:
         verdict = "READY"
-    reasons = fails + warns
-    details = {"verdict": verdict, "reasons": reasons, "steps_run": done_steps, "wall_s": round(wall, 2),
+    reasons = fails + warns or [_ready_reason(claims, judged)]
+    details = {"verdict": verdict, "summary": f"{verdict}: {reasons[0]}", "reasons": reasons,
+               "steps_run": done_steps, "wall_s": round(wall, 2),
                "planned_steps": planned_steps, "baseline_loss": baseline, "learning": learn,
+               "goals": [j.details for j in judged],
+               "parts": None if parts is None else {"at_chance": parts.at_chance, "learning": parts.learning,
+                                                    "not_measured": parts.unmeasured, "levels": parts.levels},
                "claims": [c.__dict__ for c in claims]}
     (run_dir / "preflight.json").write_text(json.dumps(details, indent=1, default=str), encoding="utf-8")
     write_report(run_dir, claims)
     return PreflightResult(verdict, claims, reasons, run_dir, details)
+
+
+def _ready_reason(claims: list[Claim], judged: list[GoalJudgement]) -> str:
+    """Why a READY run is READY, in words: its goals reached (or that it has none) and its loss."""
+    learning = next((c.value for c in claims if c.name == "learning signal"), "")
+    checks = f"{learning}; no check failed or was uncertain" if learning else "no check failed or was uncertain"
+    if judged:
+        return "; ".join(j.claim.value for j in judged) + f"; {checks}"
+    return f"{checks} (no goal to judge: no curriculum gate, --target, health.targets or experiment goal)"
+
+
+def _curriculum(cfg: RunConfig, trainer: Trainer, run_dir: Path):
+    """(a claim on the curriculum's phases in the preflight, the current phase's gate as a Goal);
+    (None, None) without a curriculum.  A promotion during the preflight is a gate reached,
+    measured; the gate of the phase the run ends in is judged as a goal, unless it is the last."""
+    cur = cfg.curriculum
+    if not cur.values:
+        return None, None
+    phase = trainer.curriculum.phase
+    start = trainer.step - trainer.curriculum.steps_in_phase
+    promotions = [e for e in read_events(run_dir / "events.jsonl") if e.get("kind") == "promotion"]
+    done = "; ".join(f"gate {format_number(e['gate'])} of phase {e['from_phase']} reached at step {e['step']} "
+                     f"(running mean {format_number(e['running_mean'])}, measured)" for e in promotions)
+    last = phase >= len(cur.values) - 1
+    now = (f"in phase {phase} of {len(cur.values)} ({cur.name} {format_number(cur.values[phase])})"
+           + (", the last: it never ends, so its gate is no goal" if last else
+              f" since step {start}: its gate {format_number(cur.gates[phase])} on {cur.metric} is judged below"))
+    claim = Claim("curriculum", "pass" if promotions else "info", (done + "; " if done else "") + now,
+                  f"promotion events; a phase ends after min_steps in it and a full window of {cur.window} steps "
+                  f"whose mean {cur.metric} passes its gate", "events.jsonl")
+    return claim, gate_goal(cfg, phase, start)
 
 
 def _run_claim(stopped: str | None, done_steps: int, steps: int, max_seconds: float) -> tuple[Claim, str | None]:

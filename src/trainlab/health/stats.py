@@ -25,9 +25,10 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 __all__ = [
-    "TrendTest", "BaselineTest", "FamilyFit", "CurveFit", "Projection", "ChangePoint", "Jump",
-    "mann_kendall", "mean_below", "steps_to_resolve", "fit_curve", "project", "rank_me",
-    "change_point", "robust_z", "jump_z", "normal_sf", "normal_quantile", "t_quantile",
+    "TrendTest", "BaselineTest", "FamilyFit", "CurveFit", "Projection", "ProjectionPath", "Plateau",
+    "ChangePoint", "Jump", "mann_kendall", "mean_below", "steps_to_resolve", "fit_curve", "project",
+    "project_path", "plateau", "rank_me", "change_point", "robust_z", "jump_z", "normal_sf",
+    "normal_quantile", "t_quantile",
 ]
 
 
@@ -827,17 +828,8 @@ def project(steps: Sequence[float] | np.ndarray, losses: Sequence[float] | np.nd
     values = {name: float(clip(_predict(name, {k: v[0] for k, v in params[name].items()}, at))[0]) for name in names}
     value = float(sum(w[i] * values[name] for i, name in enumerate(names)))
 
-    resid = y - fitted
-    resid = resid - resid.mean()
-    L = int(block_length) if block_length else max(1, int(math.ceil(n ** (1.0 / 3.0))))
-    L = min(L, n)
-    rng = np.random.default_rng(seed)
-    n_blocks = -(-n // L)
-    starts = rng.integers(0, n - L + 1, size=(n_boot, n_blocks))
-    idx = (starts[:, :, None] + np.arange(L)[None, None, :]).reshape(n_boot, -1)[:, :n]
-    Y = fitted[None, :] + resid[idx]
-    b_names, b_params, _, b_aic = _fit_many(s, Y, names, floor, lower_bound)
-    b_w = _akaike_weights(b_aic)
+    b_names, b_params, b_w, L = _bootstrap_refits(s, y, fitted, names, floor, lower_bound, n_boot, seed,
+                                                  block_length)
     b_vals = np.stack([clip(_predict(name, b_params[name], at))[:, 0] for name in b_names], axis=1)
     b_vals = np.where(b_w > 0, b_vals, 0.0)   # a weight-0 family may project to inf; it must not poison the sum
     ens = np.sum(b_w * b_vals, axis=1)
@@ -852,6 +844,179 @@ def project(steps: Sequence[float] | np.ndarray, losses: Sequence[float] | np.nd
     return Projection(at_step=float(at_step), value=value, interval=(float(lo), float(hi)), families=fams,
                       n_points=n, extrapolation_ratio=float(at_step) / last, alpha=alpha, n_boot=n_boot,
                       block_length=L)
+
+
+def _bootstrap_refits(s: np.ndarray, y: np.ndarray, fitted: np.ndarray, names: list[str], floor: float,
+                      lower_bound: float | None, n_boot: int, seed: int,
+                      block_length: int | None) -> tuple[list[str], dict, np.ndarray, int]:
+    """The residual moving-block bootstrap of `project`: every family refitted on n_boot
+    replicates fitted + resampled residual blocks; (names, params, Akaike weights [n_boot, F],
+    block length)."""
+    n = len(y)
+    resid = y - fitted
+    resid = resid - resid.mean()
+    L = int(block_length) if block_length else max(1, int(math.ceil(n ** (1.0 / 3.0))))
+    L = min(L, n)
+    rng = np.random.default_rng(seed)
+    n_blocks = -(-n // L)
+    starts = rng.integers(0, n - L + 1, size=(n_boot, n_blocks))
+    idx = (starts[:, :, None] + np.arange(L)[None, None, :]).reshape(n_boot, -1)[:, :n]
+    Y = fitted[None, :] + resid[idx]
+    b_names, b_params, _, b_aic = _fit_many(s, Y, names, floor, lower_bound)
+    return b_names, b_params, _akaike_weights(b_aic), L
+
+
+@dataclass(frozen=True)
+class ProjectionPath:
+    """Result of `project_path`: `project` at many steps at once, from ONE fit and ONE set of
+    bootstrap replicates (so the interval at each step belongs to the same curves).  A PROJECTION,
+    not a measurement.  at_steps, values, lo, hi: arrays of equal length; weights: {family: Akaike
+    weight}; last_step: the last fitted step."""
+    at_steps: np.ndarray
+    values: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    weights: dict
+    n_points: int
+    last_step: float
+    alpha: float
+    n_boot: int
+    block_length: int
+    label: str = "projection"
+
+    def first_step_where(self, meets) -> dict[str, float | None]:
+        """The first projected step at which `meets(level)` holds for the central value, the
+        optimistic and the pessimistic end of the interval, for a goal that `meets` decides: keys
+        value, early, late (None where it never holds up to the last projected step).  Which end
+        is optimistic is read off the goal: the end that meets it first."""
+        def first(arr: np.ndarray) -> float | None:
+            ok = np.flatnonzero([bool(meets(float(v))) for v in arr])
+            return float(self.at_steps[ok[0]]) if ok.size else None
+
+        lo, hi = first(self.lo), first(self.hi)
+        ends = [t for t in (lo, hi) if t is not None]
+        early = min(ends) if ends else None
+        late = max(ends) if len(ends) == 2 else None
+        return {"value": first(self.values), "early": early, "late": late}
+
+
+def project_path(steps: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray,
+                 at_steps: Sequence[float] | np.ndarray, alpha: float = 0.1, n_boot: int = 200, seed: int = 0,
+                 families: Sequence[str] = ("power", "exp", "log"), skip_fraction: float = 0.1,
+                 block_length: int | None = None, lower_bound: float | None = None) -> ProjectionPath:
+    """`project` evaluated along `at_steps` (e.g. from the last measured step to a planned one), for
+    the step at which a projected curve crosses a level, with an interval for that step: the same
+    AICc-weighted ensemble, the same bootstrap replicates and the same standard interval at every
+    step (value -+ z_{1-alpha/2} sd* of the replicates' ensemble there), the same `lower_bound`.
+    At a single step it equals `project` (same seed: same replicates; tests/test_stats.py).  Every
+    caveat of `project` holds, and more so far beyond the data."""
+    s, y = _prepare(steps, losses, skip_fraction)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 10:
+        raise ValueError(f"n_boot must be at least 10, got {n_boot}")
+    at = np.atleast_1d(np.asarray(at_steps, dtype=np.float64))
+    if at.ndim != 1 or at.size == 0 or not np.all(np.isfinite(at)):
+        raise ValueError("at_steps must be a non-empty 1-D array of finite steps")
+    n = len(y)
+    floor = n * (1e-12 * (float(np.max(np.abs(y))) + 1e-300)) ** 2
+    names, params, _, aic = _fit_many(s, y[None, :], families, floor, lower_bound)
+    w = _akaike_weights(aic)[0]
+    fitted = sum(w[i] * _predict(name, {k: v[0] for k, v in params[name].items()}, s)
+                 for i, name in enumerate(names))
+    clip = (lambda v: np.maximum(v, lower_bound)) if lower_bound is not None else (lambda v: v)
+    values = sum(w[i] * clip(_predict(name, {k: v[0] for k, v in params[name].items()}, at))
+                 for i, name in enumerate(names))
+    b_names, b_params, b_w, L = _bootstrap_refits(s, y, fitted, names, floor, lower_bound, n_boot, seed,
+                                                  block_length)
+    b_vals = np.stack([clip(_predict(name, b_params[name], at)) for name in b_names], axis=1)  # [boot, F, m]
+    b_vals = np.where(b_w[:, :, None] > 0, b_vals, 0.0)
+    ens = np.sum(b_w[:, :, None] * b_vals, axis=1)                                             # [boot, m]
+    z = normal_quantile(1.0 - alpha / 2.0)
+    half = np.array([z * float(np.std(ens[:, j], ddof=1)) for j in range(at.size)])  # per step, as project
+    lo, hi = values - half, values + half
+    if lower_bound is not None:
+        lo = np.maximum(lo, lower_bound)
+    return ProjectionPath(at_steps=at, values=np.asarray(values, dtype=np.float64), lo=lo, hi=hi,
+                          weights={name: float(w[i]) for i, name in enumerate(names)}, n_points=n,
+                          last_step=float(s[-1]), alpha=alpha, n_boot=n_boot, block_length=L)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4b. where a series stopped moving
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plateau:
+    """Result of `plateau`: the series is flat from index `start` on.  mean and ci: the level of
+    y[start:] with its (1-alpha) batch-means interval (`mean_below`); half_width: (ci[1] - ci[0]) / 2;
+    trend: the Mann-Kendall test on y[start:] (no significant trend at alpha, by construction)."""
+    start: int
+    n: int
+    mean: float
+    ci: tuple[float, float]
+    half_width: float
+    trend: TrendTest
+
+
+def _line_rss(x: np.ndarray, y: np.ndarray) -> float:
+    """Residual sum of squares of the least-squares line through (x, y)."""
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx = float(np.dot(xc, xc))
+    slope = float(np.dot(xc, yc)) / sxx if sxx > 0 else 0.0
+    r = yc - slope * xc
+    return float(np.dot(r, r))
+
+
+def plateau(y: Sequence[float] | np.ndarray, alpha: float = 0.05, min_points: int = 10) -> Plateau | None:
+    """Where a series stopped moving: the index from which it is flat, or None while it still moves.
+
+    Three models compete by BIC (Schwarz 1978; n log(RSS/n) + k log n): a constant (k = 1), a
+    straight line (k = 2) and a "broken stick" -- a line up to a knee M, constant after it (k = 3:
+    level, slope, knee; the knee searched over every index that leaves `min_points` after it; the
+    two-phase regression of e.g. Hinkley (1969) Biometrika 56:495, with the plateau as its second
+    phase).  The constant wins: flat from index 0; the line wins: still moving, None; the broken
+    stick wins: flat from its knee.  Then the flat part must show no monotone trend in the
+    autocorrelation-corrected Mann-Kendall test at `alpha`, else None (a curve that bends but is
+    still rising, such as an exponential approach, is not a plateau).
+
+    Why not "the longest tail without a significant Mann-Kendall trend": the Hamed-Rao correction
+    reads a rise followed by a flat stretch as strong autocorrelation and inflates the variance,
+    so tails that still hold the rise were called trend-free (measured while building this, on
+    tests/test_preflight_goal.py's 30-point rise to 0.88 and 70 flat points, seeds 0-4: that rule
+    put the start at 39, 0, 24, 25 and 24; the knee puts it at 30 in all five, which the test checks).
+    Assumes the noise is roughly homoscedastic; "no significant trend" is not "no trend": a drift
+    within the noise counts as flat, and a caller that projects past the data should say so.
+    Returns None for fewer than `min_points` points."""
+    a = _series(y)
+    n = len(a)
+    min_points = max(3, int(min_points))
+    if n < min_points:
+        return None
+    x = np.arange(n, dtype=np.float64)
+    rss_const = float(np.dot(a - a.mean(), a - a.mean()))
+    rss_line = _line_rss(x, a)
+    best_rss, knee = math.inf, 0
+    for m in range(1, n - min_points + 1):
+        r = _line_rss(np.minimum(x - m, 0.0), a)     # slope before the knee, flat after it
+        if r < best_rss:
+            best_rss, knee = r, m
+
+    def bic(rss: float, k: int) -> float:
+        return n * math.log(max(rss, 1e-300) / n) + k * math.log(n)
+
+    scores = [bic(rss_const, 1), bic(rss_line, 2), bic(best_rss, 3) if knee else math.inf]
+    choice = int(np.argmin(scores))
+    if choice == 1:
+        return None
+    start = 0 if choice == 0 else knee
+    tail = a[start:]
+    trend = mann_kendall(tail, alpha=alpha)
+    if trend.significant:
+        return None
+    level = mean_below(tail, float(tail.mean()), alpha=alpha)
+    return Plateau(start=start, n=len(tail), mean=level.mean, ci=level.ci,
+                   half_width=(level.ci[1] - level.ci[0]) / 2.0, trend=trend)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -101,12 +101,23 @@ class Sha256Stream:
             self.shm.close()
 
 
+WORD_NAMES = "abcdefgh"  # the working variables, in the order of the 256 target bits
+WORD_METRICS = tuple(f"acc_word_{w}" for w in WORD_NAMES)
+
+
 def bit_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Bit, word and exact-state accuracy of (B, 256) logits against (B, 256) bits."""
     hits = (logits > 0) == target.bool()
     word_hits = hits.view(-1, STATE_WORDS, 32).all(-1)
     return {"acc": hits.float().mean(), "word_acc": word_hits.float().mean(),
             "exact_acc": hits.all(-1).float().mean()}
+
+
+def per_word_bit_accuracy(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Bit accuracy within each state word a..h: which words are learned and which sit at chance
+    (0.5).  Indexing one 8-vector gives 0-d views of it: device tensors, no host sync."""
+    per_word = ((logits > 0) == target.bool()).view(-1, STATE_WORDS, 32).float().mean((0, 2))
+    return {name: per_word[i] for i, name in enumerate(WORD_METRICS)}
 
 
 _SEED_CURRICULUM = {"name": "rounds", "values": [8, 16, 32, 64], "min_steps": [500, 2000, 5000, 0],
@@ -118,8 +129,13 @@ class Sha256(Experiment):
     description = "SHA-256 round logic by a BitNet transformer under an accuracy-gated curriculum"
     model_config = Sha256ModelConfig
     data_config = Sha256DataConfig
-    train_metrics = ("acc", "accuracy", "word_acc", "exact_acc")
+    train_metrics = ("acc", "accuracy", "word_acc", "exact_acc") + WORD_METRICS
     eval_metrics = ("val_loss", "val_acc", "val_word_acc", "val_exact_acc")
+    # The eight state words are the parts: each holds 32 of the 256 bits, so a word that guesses
+    # (bit accuracy 0.5) adds 32 x ln 2 / 256 = ln 2 / 8 to the mean-bit BCE, and acc (the bit
+    # accuracy over all words) is their plain mean -- val_acc too, on the evaluation batch.
+    parts = {"metrics": WORD_METRICS, "chance": 0.5, "perfect": 1.0,
+             "loss_at_chance": math.log(2) / STATE_WORDS, "mean_of": ("acc", "accuracy", "val_acc")}
     default_preset = "quick"
     heatmaps = {"bit_acc_map": {
         "title": "per-bit accuracy (rows a..h, columns bit 31..0)", "rows": list("abcdefgh"),
@@ -166,7 +182,7 @@ class Sha256(Experiment):
             "memory": {"host_ceiling_gb": 10.0},
             "model": {"dim": 256, "layers": 4, "heads": 8},
             "data": {"loader": "device", "eval_batch": 16384},
-        }),
+        }, sized_for="cuda"),
         "multi": Preset("the hard version: the state after R rounds straight from the block, R = 1, 2, 4, ... 64", {
             "train": {"steps": 3000, "micro_batch": 256},
             "optim": {"lr": 2e-3, "weight_decay": 0.01},
@@ -200,6 +216,7 @@ class Sha256(Experiment):
         loss = F.binary_cross_entropy_with_logits(logits, y.float())
         metrics = bit_metrics(logits.detach(), y)
         metrics["accuracy"] = metrics["acc"]  # the SHA-256 curriculum's CSV column name
+        metrics.update(per_word_bit_accuracy(logits.detach(), y))
         return loss, metrics
 
     def baseline_loss(self, cfg) -> float:
