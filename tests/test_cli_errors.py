@@ -8,8 +8,10 @@ test then waits for its own result.  Before and after each command the whole wor
 is snapshot (relative path -> bytes, directories included), so "nothing written" covers both a run
 directory that must not appear and an existing one that must stay byte-identical.
 
-`trainlab check` and `trainlab report` refusing a run directory run in this process instead
-(test_bad_run_dir): they train nothing, and the same promise is checked on trainlab.cli.main.
+`trainlab check` and `trainlab report` refusing a run directory, and the refusals of `trainlab run`
+and `preflight` that come before any training (a run directory that cannot be created, too many
+steps, a model that cannot fit), run in this process instead (test_bad_run_dir): they train
+nothing, and the same promise is checked on trainlab.cli.main.
 A read-only directory is made with chmod, or, for root (CI), as a tmpfs remounted read-only.
 """
 
@@ -99,6 +101,10 @@ def _make_read_only(ro: Path, fill: Callable[[Path], None] | None = None) -> str
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True, check=True)
     assert not os.access(ro, os.W_OK), "the directory is still writable"
     return None
+
+
+def needs_proc(cwd: Path) -> str | None:
+    return None if Path("/proc/self").is_dir() else "no /proc here"
 
 
 def read_only_dir(cwd: Path) -> str | None:
@@ -251,6 +257,24 @@ RUN_DIR_CASES = [
         setup=fake_run({"events.jsonl": b'{"kind": "start"}\n\xff\n'})),
     Bad("report-read-only-run", ("report", "ro"), ("run directory ro: cannot write the report", "ro/"),
         setup=read_only_run, teardown=restore_read_only_dir),
+    # --- trainlab run / preflight refused before training: nothing trains, so in this process too ----
+    Bad("run-dir-under-proc", run_smoke("--run-dir", "/proc/trainlab-tour"),
+        ("run directory /proc/trainlab-tour: cannot be created",), setup=needs_proc),
+    Bad("preflight-dir-under-proc", ("preflight", "modadd", *SMOKE, "--run-dir", "/proc/trainlab-tour/pre"),
+        ("run directory /proc/trainlab-tour/pre: cannot be created", "/proc/trainlab-tour"), setup=needs_proc),
+    Bad("run-dir-below-a-file", run_smoke("--run-dir", "afile/run"), ("afile/run", "afile is not a directory"),
+        setup=write("afile", "not a run\n")),
+    # (each with a run directory below a file, refused later: were the bound gone, the case would
+    # fail at once on that refusal instead of training for 1e29 steps)
+    Bad("steps-huge", run_smoke("--steps", "1" + "0" * 29, "--run-dir", "afile/run"),
+        ("train.steps", "allowed: 1 to 1,000,000,000", "1e+29"), setup=write("afile", "x\n")),
+    Bad("set-steps-exponent", run_smoke("--set", "train.steps=1e30", "--run-dir", "afile/run"),
+        ("train.steps", "allowed: 1 to 1,000,000,000", "1e+30"), setup=write("afile", "x\n")),
+    Bad("steps-just-over", run_smoke("--steps", str(10**9 + 1), "--run-dir", "afile/run"),
+        ("train.steps", "got 1,000,000,001"), setup=write("afile", "x\n")),
+    Bad("model-cannot-fit", ("run", "modadd", "--set", "model.dim=200000"),
+        ("the model does not fit", "960,043,600,000 parameters", "AdamW's 2 states", "activations and data not counted",
+         "available of")),
 ]
 assert not {c.id for c in RUN_DIR_CASES} & set(CASE_BY_ID), "case ids must be unique"
 

@@ -262,15 +262,135 @@ def test_plain_progress_never_floods(tmp_path: Path):
     out = trainlab(*SMOKE, "--steps", "40", "--set", "log.every=1", "--set", "log.progress=plain",
                    "--set", "log.plain_interval_s=3600", "--run-dir", "r", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.startswith("[modadd-smoke]")]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("[r (modadd-smoke)] ")]
     assert len(lines) == 2  # the first and the last, nothing in between within the hour
+    assert all(" | eta " in line for line in lines), lines
     assert len(read_metrics(tmp_path / "r" / "metrics.csv")) == 40
 
 
 def test_progress_bar_mode_runs(tmp_path: Path):
     out = trainlab(*SMOKE, "--steps", "10", "--set", "log.progress=bar", "--run-dir", "r", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "10/10" in out.stderr
+    assert "10/10" in out.stderr and "r (modadd-smoke)" in out.stderr and "eta 0m00s" in out.stderr
+
+
+def test_the_first_progress_line_comes_after_the_first_steps_whatever_log_every_is(tmp_path: Path, monkeypatch):
+    """A progress line with the measured rate and ETA as soon as FIRST_TIMING_S have passed (0 here:
+    after the first step), long before the first log row (log.every=1000); it names the run
+    directory, and a run in the default directory is named by that alone."""
+    import trainlab.engine.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "FIRST_TIMING_S", 0.0)
+    out = trainlab(*SMOKE, "--steps", "30", "--set", "log.every=1000", "--set", "eval.every=0",
+                   "--set", "log.progress=plain", "--set", "log.plain_interval_s=0", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("[")]
+    assert lines[0].startswith("[runs/modadd-smoke] step 1/30 | "), lines
+    assert " step/s over the first step | eta " in lines[0] and "loss" not in lines[0], lines
+    assert lines[1].startswith("[runs/modadd-smoke] step 30/30 | loss "), lines  # the only log row: the last
+    assert len(lines) == 2, lines
+    assert "sized for" not in out.stderr  # smoke runs anywhere
+
+
+def test_a_preset_sized_for_a_gpu_says_so_with_its_measured_eta_on_a_cpu(tmp_path: Path, monkeypatch, capsys):
+    import dataclasses
+
+    import trainlab.engine.trainer as trainer_mod
+    from trainlab.experiment import registry
+
+    experiments = registry()
+    assert experiments["sha256"].presets["gpu"].sized_for == "cuda"
+    assert experiments["bitnet_lm"].presets["s1024"].sized_for == "cuda"
+    assert not experiments["sha256"].presets["quick"].sized_for and not ModAdd.presets["quick"].sized_for
+
+    class GpuSized(ModAdd):
+        presets = {**ModAdd.presets, "smoke": dataclasses.replace(ModAdd.presets["smoke"], sized_for="cuda")}
+
+    monkeypatch.setattr(trainer_mod, "FIRST_TIMING_S", 0.0)
+    cfg = _modadd_cfg()
+    Trainer(cfg, GpuSized(), tmp_path / "r", torch.device("cpu")).fit()
+    said = [line for line in capsys.readouterr().err.splitlines() if "sized for" in line]
+    assert len(said) == 1, said
+    assert said[0].startswith("trainlab: modadd --preset smoke is sized for a CUDA GPU and runs on cpu here: "), said
+    assert " step/s over its first step, about " in said[0] and " for the 39 steps left; presets for any " \
+        "device: quick, grok" in said[0], said
+
+
+def test_a_huge_eta_stays_readable():
+    from trainlab.engine.progress import Progress
+    from trainlab.formatting import format_duration
+
+    assert [format_duration(h * 3600) for h in (64, 99.9, 100, 24 * 999)] == \
+        ["64h00m00s", "99h54m00s", "4.2 days", "999.0 days"]
+    assert [format_duration(d * 86400) for d in (1000, 365.25 * 3169.5, 365.25 * 2e6)] == \
+        ["2.7 years", "3,170 years", "over a million years"]
+    import io
+
+    stream = io.StringIO()
+    Progress("plain", 10**9, 0, "r", 0.0, stream=stream).early(1, 1, 0.01)
+    assert stream.getvalue() == "[r] step 1/1000000000 | 0.01 step/s over the first step | eta 3,169 years\n"
+
+
+def _corrupt(checkpoint: Path) -> None:
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def test_resume_past_corrupt_checkpoints_and_over_from_step_0_says_so_on_the_terminal(tmp_path: Path):
+    run = [*SMOKE, "--set", "ckpt.every=10", "--set", "ckpt.keep=2", "--run-dir", "r"]
+    trainlab(*run, "--steps", "20", cwd=tmp_path, check=True)
+    ckpts = tmp_path / "r" / "checkpoints"
+    _corrupt(ckpts / "step_00000020")
+    out = trainlab(*run, "--steps", "30", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    said = [line for line in out.stderr.splitlines() if line.startswith("trainlab: ")]
+    assert "trainlab: resuming r at step 10 from its checkpoint step_00000010 (a newer one is corrupt: " \
+           "step_00000020: model.safetensors checksum mismatch; set aside as *.corrupt, kept)" in said, said
+    for step in (20, 30):
+        _corrupt(ckpts / f"step_{step:08d}")
+    out = trainlab(*run, "--steps", "40", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    said = [line for line in out.stderr.splitlines() if "corrupt" in line]
+    assert said == ["trainlab: every checkpoint of r is corrupt (step_00000030: model.safetensors checksum "
+                    "mismatch and 1 more; set aside as *.corrupt, kept); starting over from step 0"], said
+    events = read_events(tmp_path / "r" / "events.jsonl")
+    assert [e["kind"] for e in events].count("checkpoint_corrupt") == 3 and events[-1]["kind"] == "finish"
+    assert [e for e in events if e["kind"] in ("start", "resume")][-1]["kind"] == "start"
+
+
+def test_training_memory_is_estimated_on_the_meta_device_as_the_optimizers_allocate_it():
+    """The estimate against what the optimizer really holds after a step (its per-tensor step
+    counters aside: a few bytes), for AdamW, Lion with bf16 momentum and GaLore; a model that
+    cannot be built on meta gives no estimate and no refusal."""
+    from trainlab.engine.memory import estimate_training_memory, refuse_if_it_cannot_fit
+    from trainlab.optim import build_optimizer
+    from trainlab.optim.galore import optimizer_state_bytes
+
+    for sets in ([], [("optim.name", "lion"), ("optim.momentum_dtype", "bf16")], [("optim.galore_rank", "4")]):
+        cfg = _modadd_cfg(*sets)
+        need = estimate_training_memory(ModAdd(), cfg)
+        model = ModAdd().build_model(cfg)
+        params = [p for p in model.parameters()]
+        assert need.params == sum(p.numel() for p in params)
+        assert need.weights_bytes == sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+        assert need.grads_bytes == sum(p.numel() * 4 for p in params)
+        opt = build_optimizer(cfg.optim, model, torch.device("cpu"))
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        counters = 8 * len(params)  # at most a step count per tensor
+        assert 0 <= optimizer_state_bytes(opt) - need.optimizer_bytes <= counters, sets
+
+    class NotOnMeta(ModAdd):
+        def build_model(self, cfg):
+            width = int(torch.tensor([cfg.model.dim]).item())  # reads a value: meta has none
+            return torch.nn.Linear(width, width)
+
+    cfg = _modadd_cfg()
+    assert estimate_training_memory(NotOnMeta(), cfg) is None
+    refuse_if_it_cannot_fit(NotOnMeta(), cfg, torch.device("cpu"))  # no estimate: no refusal
 
 
 def test_tensorboard_scalars_are_written(tmp_path: Path):

@@ -106,6 +106,9 @@ class CheckpointStore:
         self.root = root
         self.keep = keep
         self.on_event = on_event
+        # (folder name, what was wrong) of every broken checkpoint latest_valid() set aside, newest
+        # first: the trainer says on the terminal what a resume skipped
+        self.found_broken: list[tuple[str, str]] = []
 
     # ---- saving -------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, state: dict, info: dict, best: bool = False) -> Path:
@@ -233,6 +236,7 @@ class CheckpointStore:
                 manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
                 return Checkpoint(path=path, step=int(manifest["step"]), manifest=manifest)
             self._set_aside(path, problem)
+            self.found_broken.append((path.name, problem))
         return None
 
     # ---- loading ------------------------------------------------------------------------

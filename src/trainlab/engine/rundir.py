@@ -39,6 +39,35 @@ def check_usable(path: Path) -> None:
         raise UsageError(f"run directory {path}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"run directory {path}: {probe} is not writable")
+    _try_create(path)
+
+
+def _try_create(path: Path) -> None:
+    """Create the missing levels of `path` and remove them again: only the filesystem knows whether
+    they can be made (os.access says yes to root under /proc, where mkdir fails), and a refusal
+    must leave nothing behind."""
+    missing = []
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    created = []
+    try:
+        for level in reversed(missing):
+            try:
+                level.mkdir()
+            except FileExistsError:  # another process made it meanwhile (sweep points starting together)
+                continue
+            created.append(level)
+    except OSError as exc:
+        raise UsageError(f"run directory {path}: cannot be created ({exc.strerror or type(exc).__name__}: "
+                         f"{exc.filename or path})") from None
+    finally:
+        for level in reversed(created):
+            try:
+                level.rmdir()
+            except OSError:  # no longer empty: another process is using it
+                pass
 
 
 def has_run(path: Path) -> bool:

@@ -28,6 +28,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +43,18 @@ from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.curriculum import Curriculum
 from trainlab.engine.logs import ARRAYS_FILE, METRICS_FILE, SAMPLES_FILE, EventLog, MetricsLog, read_events, read_metrics
 from trainlab.engine.memory import MemoryGuard, empty_device_cache
-from trainlab.engine.progress import Progress
+from trainlab.engine.progress import Progress, format_rate
 from trainlab.engine.rundir import write_status
 from trainlab.engine.state import rng_state, seed_everything, set_rng_state
 from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped
 from trainlab.experiment import Experiment, StepContext
+from trainlab.formatting import format_duration
 from trainlab.optim import build_optimizer, width_lr_factor
+
+# Seconds of training after which, if no log row came yet, the progress shows the measured step rate
+# and ETA of the first steps (and a preset sized for another device says so): a run whose log.every
+# is far away, or whose steps are slow, is not silent for minutes.
+FIRST_TIMING_S = 3.0
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -163,6 +170,8 @@ class Trainer:
         self._rollback_request: dict | None = None
         self._t0 = self._last_log_t = time.monotonic()
         self._last_log_step = 0
+        self._loop_start_step = 0
+        self._timing_pending = True  # until the first steps' rate has been shown (early or at a log step)
 
     # ------------------------------------------------------------------ setup
     def _setup(self, resources: contextlib.ExitStack) -> None:
@@ -222,9 +231,21 @@ class Trainer:
         cols += [f"{self.exp.throughput_unit}_per_s", "ram_gb", "peak_ram_gb", "dev_mem_gb", "peak_dev_mem_gb"]
         return cols
 
+    def _say(self, text: str) -> None:
+        """One line on the terminal (stderr), beside the progress: what a person must know at once."""
+        print(f"trainlab: {text}", file=sys.stderr, flush=True)
+
     def _resume(self) -> None:
         self.store.sweep_incomplete()
+        broken_before = len(self.store.found_broken)
         ckpt = self.store.latest_valid()
+        broken = self.store.found_broken[broken_before:]
+        if broken:
+            name, problem = broken[0]
+            more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+            why = f"{name}: {problem}{more}; set aside as *.corrupt, kept"
+        if ckpt is None and broken:
+            self._say(f"every checkpoint of {self.run_dir} is corrupt ({why}); starting over from step 0")
         if ckpt is None:
             self.events.write({"kind": "start", "attempt": self.attempt, "device": str(self.device),
                                "precision": self.precision, "pid": os.getpid(), **parameter_counts(self.model)})
@@ -234,6 +255,8 @@ class Trainer:
                                    "optim_lr": self.cfg.optim.lr, "peak_lr": self.base_lr})
             return
         self._restore(self.store.load(ckpt, self.model, self.device))
+        self._say(f"resuming {self.run_dir} at step {self.step} from its checkpoint {ckpt.path.name}"
+                  + (f" (a newer one is corrupt: {why})" if broken else ""))
         self._fire_resume("resume")
         self.events.write({"kind": "resume", "attempt": self.attempt, "step": self.step,
                            "checkpoint": str(ckpt.path), "device": str(self.device), "pid": os.getpid(),
@@ -562,7 +585,8 @@ class Trainer:
             if metrics_log.dropped:
                 self.events.write({"kind": "columns_not_logged", "columns": sorted(metrics_log.dropped),
                                    "why": "metrics.csv keeps the header it was created with"})
-            label = f"{self.exp.name}-{cfg.preset}" if cfg.preset else self.exp.name
+            name = f"{self.exp.name}-{cfg.preset}" if cfg.preset else self.exp.name
+            label = str(self.run_dir) if self.run_dir.name == name else f"{self.run_dir} ({name})"
             progress = Progress(cfg.log.progress, total, self.step, label, cfg.log.plain_interval_s)
             resources.callback(progress.close)
             write_status(self.run_dir, "running", self.step, total_steps=total, attempt=self.attempt)
@@ -604,7 +628,7 @@ class Trainer:
         total = cfg.train.steps
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._t0 = self._last_log_t = time.monotonic()
-        self._last_log_step = self.step
+        self._last_log_step = self._loop_start_step = self.step
         while self.step < total or self._rollback_request is not None:
             if self._rollback_request is not None:
                 alert, self._rollback_request = self._rollback_request, None
@@ -623,7 +647,10 @@ class Trainer:
                     f"final-step{self.step}" if final else f"step{self.step}",
                     f"end of run, step {self.step}" if final else f"step {self.step}",
                     level=self.curriculum.level if self.curriculum.enabled else None))
-            if self.step % cfg.log.every == 0 or is_last or do_eval:
+            log_now = self.step % cfg.log.every == 0 or is_last or do_eval
+            if self._timing_pending and (log_now or time.monotonic() - self._t0 >= FIRST_TIMING_S):
+                self._first_timing(progress, show=not log_now)
+            if log_now:
                 self.last_row = self._log_step(eval_metrics, is_last, metrics_log, progress)
             self._stop_if_asked()
             if self._rollback_request is not None:
@@ -634,6 +661,29 @@ class Trainer:
                 return (f"stopped at step {self.step} as asked" if self.step == self.stop_at else
                         f"time budget of {self.max_seconds:g} s reached at step {self.step}")
         return ""
+
+    def _first_timing(self, progress: Progress, show: bool) -> None:
+        """The rate of this attempt's first steps on the host clock (no device sync: on a GPU it
+        counts launched work, which the first log row then corrects): shown as progress when no log
+        row is due (`show`), and, for a preset sized for another device, one line with the ETA."""
+        self._timing_pending = False
+        done, seconds = self.step - self._loop_start_step, time.monotonic() - self._t0
+        if done <= 0 or seconds <= 0:
+            return
+        rate = done / seconds
+        if show:
+            progress.early(self.step, done, rate)
+        preset = self.exp.presets.get(self.cfg.preset)
+        sized_for = getattr(preset, "sized_for", "")
+        if sized_for and sized_for != self.device.type:
+            total = self.cfg.train.steps
+            eta = format_duration((total - self.step) / rate)
+            others = [n for n, p in self.exp.presets.items() if not getattr(p, "sized_for", "")]
+            hint = f"; presets for any device: {', '.join(others)}" if others else ""
+            self._say(f"{self.exp.name} --preset {self.cfg.preset} is sized for {_device_words(sized_for)} and "
+                      f"runs on {self.device.type} here: {format_rate(rate)} over its first "
+                      f"{'step' if done == 1 else f'{done} steps'}, about {eta} for the {total - self.step} "
+                      f"steps left{hint}")
 
     def _end_callbacks(self, result: RunResult) -> None:
         """on_fit_end for every callback, even when one of them fails: a tracker must close its run
@@ -711,6 +761,10 @@ class Trainer:
             return
         self.request_rollback({"detector": "nonfinite", "step": self.step, "message": f"non-finite {detail}",
                                "evidence": {"onset_step": first_step}})
+
+
+def _device_words(device_type: str) -> str:
+    return {"cuda": "a CUDA GPU", "mps": "an Apple GPU (MPS)", "cpu": "a CPU"}.get(device_type, device_type)
 
 
 def _steps_per_s(row: dict, exp: Experiment, cfg: RunConfig) -> float:

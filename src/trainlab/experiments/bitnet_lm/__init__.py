@@ -51,7 +51,7 @@ _SEED_LOOP = {"train": {"steps": 10000, "micro_batch": 32},
 def _sized(hidden: int, layers: int, heads: int) -> Preset:
     return Preset(f"hidden {hidden}, {layers} layers, {heads} heads, sequences of 512 bytes x 32, 10k steps at "
                   "LR 0.0015, two stages (weight decay 0.1 then 0) -- sized for a GPU",
-                  {**_SEED_LOOP, "model": {"hidden": hidden, "layers": layers, "heads": heads}})
+                  {**_SEED_LOOP, "model": {"hidden": hidden, "layers": layers, "heads": heads}}, sized_for="cuda")
 
 
 class BitNetLM(Experiment):
@@ -89,7 +89,7 @@ class BitNetLM(Experiment):
             **_SEED_LOOP,
             "schedule": {**_SEED_LOOP["schedule"], "two_stage_at": 1.0},
             "model": {"hidden": 256},
-        }),
+        }, sized_for="cuda"),
         "s256": _sized(256, 4, 4),
         "s512": _sized(512, 6, 8),
         "s768": _sized(768, 8, 12),
