@@ -292,8 +292,11 @@ OLD_RUN = Path("runs/modadd-smoke-preflight")
 PREFLIGHT = ("preflight", "modadd", "--preset", "smoke")
 
 REFUSALS = {  # arguments, and what the one line must say
-    "steps-19": (("--steps", "19"), ("--steps 19", "at least 20 steps")),
-    "planned-steps-0": (("--steps", "20", "--planned-steps", "0"), ("--planned-steps 0", "must be >= 1")),
+    "steps-19": (("--steps", "19"), ("--steps 19", "allowed: 20", "to 1,000,000,000")),
+    "steps-huge": (("--steps", "1000000001"), ("--steps 1000000001", "allowed: 20", "to 1,000,000,000")),
+    "planned-steps-0": (("--steps", "20", "--planned-steps", "0"), ("--planned-steps 0", "allowed: 1 to")),
+    "planned-steps-huge": (("--steps", "20", "--planned-steps", str(10**30)),
+                           (f"--planned-steps {10**30}", "allowed: 1 to 1,000,000,000")),
     "max-seconds-0": (("--steps", "20", "--max-seconds", "0"), ("--max-seconds 0.0", "must be > 0")),
     # NaN compares false with everything: `<= 0` let it through, and a NaN budget never ends a run
     "max-seconds-nan": (("--steps", "20", "--max-seconds", "nan"), ("--max-seconds nan", "must be > 0")),
@@ -397,6 +400,19 @@ def test_too_few_rows_to_judge_is_uncertain_exit_1(subprocesses):
     assert learning["value"] in report["reasons"]
     assert not [c for c in claims.values() if c["verdict"] == "fail"]
     assert f"trainlab: preflight UNCERTAIN: {'; '.join(report['reasons'])} -> pf/report.md" in out.stdout
+
+
+def test_a_critical_detector_alert_fails_the_preflight_and_every_detector_verdict_is_in_its_report(tmp_path: Path):
+    # the collapse detector on warn: its critical alert at step 12 does not stop the run, but a run
+    # that a detector calls broken is not READY; the other detectors' verdicts are reported too
+    run_dir = tmp_path / "pf"
+    result, _ = _preflight(run_dir, ModAdd(), ["health.collapse=warn", "health.bounds={step: [0, 11.5]}"])
+    assert result.verdict == "NOT READY"
+    assert "detector collapse: step 12: out of bounds: step = 12 outside [0, 11.5]" in result.reasons
+    detectors = {c["name"]: c for c in json.loads((run_dir / "check.json").read_text())["claims"]}
+    assert detectors["collapse"]["verdict"] == "fail" and set(detectors) >= {"divergence", "spike", "stuck"}
+    report = (run_dir / "report.md").read_text()
+    assert all(f"| {name.replace('_', chr(92) + '_')} |" in report for name in detectors), report  # Markdown escapes _
 
 
 def test_a_memory_guard_stop_is_reported_as_such_with_the_host_memory_failure(tmp_path, monkeypatch, capsys):

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "is the planned length)")
     pre.add_argument("--run-dir", help="where the preflight runs (default: runs/<experiment>-<preset>-preflight; "
                                        "an old one is moved aside)")
-    pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="where the preflight runs (measure on the device the real run will use): auto (default) "
+                          "= CUDA if available, else MPS, else the CPU")
     pre.add_argument("--planned-steps", type=int, help="steps of the real run, for the ETA and the projection "
                                                        "(default: train.steps)")
     pre.add_argument("--max-seconds", type=float, default=300.0, help="time budget of the preflight run")
@@ -216,17 +218,18 @@ def _print_claims(claims) -> None:
 
 
 def cmd_preflight(args) -> int:
+    from trainlab.config import MAX_STEPS
     from trainlab.health.goals import declared_goals
     from trainlab.health.preflight import run_preflight
     from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
 
     experiment, cfg = load_target(args.target, args.preset, args.sets, None)
     steps = args.steps if args.steps is not None else PREFLIGHT_DEFAULT_STEPS
-    if steps < 20:
-        raise UsageError(f"--steps {steps}: a preflight needs at least 20 steps to measure a trend")
+    if not 20 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps {steps}: allowed: 20 (the fewest that show a trend) to {MAX_STEPS:,}")
     planned = args.planned_steps if args.planned_steps is not None else cfg.train.steps
-    if planned < 1:
-        raise UsageError(f"--planned-steps {planned}: must be >= 1")
+    if not 1 <= planned <= MAX_STEPS:
+        raise UsageError(f"--planned-steps {planned}: allowed: 1 to {MAX_STEPS:,} (as train.steps)")
     if not args.max_seconds > 0:  # NaN too: it compares false with everything, so it would never end the run
         raise UsageError(f"--max-seconds {args.max_seconds}: must be > 0")
     declared_goals(experiment, cfg, args.targets)  # a bad --target is refused before anything is written

@@ -17,7 +17,11 @@ run.  Here each question is answered by a measurement with its method named:
      as a projection (its floor raised by what the parts at chance cost);
   8. goals (health/goals.py): the curriculum's gate, the user's targets and the experiment's own
      goal, each projected to the planned step; per-part metrics say which parts learn and which
-     sit at chance.
+     sit at chance;
+  9. detectors: the live detectors' verdicts over the preflight's rows (check.json beside
+     preflight.json); a critical alert fails the preflight where no claim above answers the same
+     question (stuck, divergence and non-finite values are judged by 1 and 3), a warning is
+     reported only.
 Verdict READY / NOT READY / UNCERTAIN; exit code 0 / 1 / 1.  READY needs every goal projected to be
 reached within the planned steps; a goal projected to be missed is NOT READY, one whose interval
 straddles it UNCERTAIN, and that reason comes first.  preflight.json begins with the verdict, a
@@ -48,7 +52,9 @@ from trainlab.errors import TrainingStopped
 from trainlab.experiment import Experiment
 from trainlab.formatting import format_number
 from trainlab.health import stats
+from trainlab.health.check import judge, save_check
 from trainlab.health.claims import Claim
+from trainlab.health.evidence import claims_for
 from trainlab.health.goals import GoalJudgement, declared_goals, gate_goal, judge_goal, judge_parts
 from trainlab.launch import run_watchers
 from trainlab.report.render import write_report
@@ -57,6 +63,9 @@ from trainlab.report.render import write_report
 # Adam-type optimizers; far below, a layer does not move; far above, it is being rewritten each step.
 RATIO_BAND = (1e-6, 1e-1)
 WARMUP_FRACTION = 0.2  # rows ignored at the start for trend and speed (warm-up, allocator, LR ramp)
+# Detectors whose question one of preflight's own claims answers over the whole run (see step 9):
+# their alerts are reported, the claim decides.
+ANSWERED_BY_PREFLIGHT = {"stuck": "learning signal", "divergence": "learning signal", "nonfinite": "numerics"}
 
 
 class StepLossRecorder(Callback):
@@ -349,6 +358,19 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         claims.append(Claim("projection (not a measurement)", "not measured",
                             "too few rows or planned steps not beyond the preflight", "-", "-"))
 
+    # ---- 9. the live detectors' verdicts over the preflight's rows (saved as check.json, so the
+    # report lists them after preflight's own claims).  A critical alert fails the preflight unless
+    # one of preflight's own claims answers the same question over the whole short run: stuck and
+    # divergence fire on a window (a 120-step run can sit at the baseline for its first 16 steps and
+    # learn after), the learning signal judges every row after the warm-up; non-finite values are
+    # the numerics claim.  A warning (a spike, a gap between training and validation) is reported,
+    # not decisive: 200 steps of a healthy run may well hold one.
+    alerts, detector_claims = judge(experiment, pre, rows)
+    save_check(run_dir, alerts, detector_claims)
+    for c in detector_claims:
+        if c.verdict == "fail" and c.name not in ANSWERED_BY_PREFLIGHT:
+            fails.append(f"detector {c.name}: {c.value}")
+
     # a goal that will be missed is the reason a person needs first: the run may be healthy otherwise
     fails, warns = goal_fails + fails, goal_warns + warns
     if fails:
@@ -366,7 +388,7 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
                                                     "not_measured": parts.unmeasured, "levels": parts.levels},
                "claims": [c.__dict__ for c in claims]}
     (run_dir / "preflight.json").write_text(json.dumps(details, indent=1, default=str), encoding="utf-8")
-    write_report(run_dir, claims)
+    write_report(run_dir, claims_for(run_dir))
     return PreflightResult(verdict, claims, reasons, run_dir, details)
 
 
