@@ -185,8 +185,10 @@ class PartsReading:
         return total / self.n_parts
 
     def why_capped(self) -> str:
+        # an assumption, said as one: parts at chance over a short run may learn a little later (the
+        # SHA-256 quick run's words a and e crept from 0.50 to 0.55 over 2000 steps: docs/health.md)
         return (f"{len(self.at_chance)} of {self.n_parts} parts {_sit(len(self.at_chance))} at chance "
-                f"{format_number(float(self.spec['chance']))} ({', '.join(self.at_chance)})")
+                f"{format_number(float(self.spec['chance']))} ({', '.join(self.at_chance)}), if they stay there")
 
 
 def _sit(k: int) -> str:
