@@ -44,7 +44,9 @@ NOT_RUN = {
     "source .venv/bin/activate": "the test runs the trainlab of the Python running it",
     "trainlab sweep bitnet_lm --preset cpu": "four 1500-step points; tests/test_sweep.py runs sweeps through the CLI",
     "trainlab sweep bitnet_lm --preset original": "GPU points (--device cuda)",
-    "trainlab preflight sha256": "a 200-step sha256 run, minutes on a CPU; tests/test_preflight.py judges its verdict",
+    "trainlab preflight sha256": "a 200-step sha256 run, 25 s on a CPU; its verdict on the same stall is judged by "
+                                 "tests/test_preflight_goal.py (a task with parts at chance) and "
+                                 "tests/test_sha256_experiment.py (the sha256 smoke model)",
 }
 
 
@@ -171,8 +173,12 @@ class Tour:
         elif verb == "check":
             run_dir = self.cwd / args[2]
             assert out.returncode in (0, 1), said  # 1: warnings (this run has its step-600 jump)
-            for detector in ("divergence", "spike", "plateau", "stuck", "collapse", "grokking"):
+            for detector in ("divergence", "spike", "plateau", "stuck", "collapse", "grokking", "overfitting"):
                 assert detector in out.stdout, f"{detector} not in check's output; {said}"
+            if "the spike at step 600 and the overfitting" in comment:  # what the README promises of this run
+                verdicts = {c["name"]: c for c in json.loads((run_dir / "check.json").read_text())["claims"]}
+                assert verdicts["spike"]["verdict"] == "warn" and verdicts["spike"]["value"].startswith("step 600:"), said
+                assert verdicts["overfitting"]["verdict"] == "warn", said
             assert (run_dir / "check.json").is_file(), said
         elif verb == "report":
             run_dir = self.cwd / args[2]
