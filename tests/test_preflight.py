@@ -415,6 +415,20 @@ def test_a_critical_detector_alert_fails_the_preflight_and_every_detector_verdic
     assert all(f"| {name.replace('_', chr(92) + '_')} |" in report for name in detectors), report  # Markdown escapes _
 
 
+def test_the_terminal_shows_the_detectors_that_fired_and_which_ones_decide(tmp_path, monkeypatch, capsys):
+    # collapse (no preflight claim answers it) fails; stuck at the start of a run that then learns is
+    # shown as information: the learning signal over the whole run decides
+    out = _in_process(PREFLIGHT + ("--steps", "20", "--set", "health.collapse=warn", "--set",
+                                   "health.bounds={step: [0, 11.5]}", "--run-dir", "pf"), tmp_path, monkeypatch, capsys)
+    assert out.returncode == 1, out.stderr
+    lines = {line.split()[1]: line for line in out.stdout.splitlines() if line.startswith("  detector ")}
+    assert lines["collapse"].split()[2] == "FAIL" and "step 12: out of bounds" in lines["collapse"]
+    detectors = {c["name"]: c for c in json.loads((tmp_path / "pf" / "check.json").read_text())["claims"]}
+    fired = {name for name, c in detectors.items() if c["verdict"] in ("warn", "fail")}
+    assert set(lines) == fired  # every detector that fired, no other
+    assert lines["stuck"].split()[2] == "INFO" and "the learning signal claim judges the whole run" in lines["stuck"]
+
+
 def test_a_memory_guard_stop_is_reported_as_such_with_the_host_memory_failure(tmp_path, monkeypatch, capsys):
     # any process is over a 10 MB ceiling: the memory guard stops the run at its first poll (step 10)
     out = _in_process(PREFLIGHT + ("--steps", "20", "--set", "memory.host_ceiling_gb=0.01", "--run-dir", "pf"),

@@ -220,7 +220,8 @@ def _print_claims(claims) -> None:
 def cmd_preflight(args) -> int:
     from trainlab.config import MAX_STEPS
     from trainlab.health.goals import declared_goals
-    from trainlab.health.preflight import run_preflight
+    from trainlab.health.claims import Claim
+    from trainlab.health.preflight import ANSWERED_BY_PREFLIGHT, run_preflight
     from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
 
     experiment, cfg = load_target(args.target, args.preset, args.sets, None)
@@ -241,7 +242,13 @@ def cmd_preflight(args) -> int:
         print(f"trainlab: {note}", file=sys.stderr)
     with launch.holding():
         result = run_preflight(experiment, cfg, device, run_dir, steps, planned, args.max_seconds, args.targets)
-    _print_claims(result.claims)
+    # the detectors that fired, beside preflight's own claims (the rest, passed or not measured, are in
+    # the report); one whose question a preflight claim answers says which claim decided the verdict
+    fired = [Claim(f"detector {c.name}", c.verdict if c.name not in ANSWERED_BY_PREFLIGHT else "info",
+                   c.value + (f" (not decisive: the {ANSWERED_BY_PREFLIGHT[c.name]} claim judges the whole run)"
+                              if c.name in ANSWERED_BY_PREFLIGHT else ""), c.evidence, c.source)
+             for c in result.detector_claims if c.verdict in ("warn", "fail")]
+    _print_claims(result.claims + fired)
     why = f": {'; '.join(result.reasons)}" if result.reasons else ""
     print(f"trainlab: preflight {result.verdict}{why} -> {run_dir / 'report.md'}")
     return 0 if result.verdict == "READY" else EXIT_STOPPED

@@ -128,6 +128,7 @@ class PreflightResult:
     reasons: list[str]
     run_dir: Path
     details: dict = field(default_factory=dict)
+    detector_claims: list[Claim] = field(default_factory=list)  # the live detectors' (check.json)
 
 
 GOAL_EVALUATIONS = 20  # evaluations in a preflight whose goal is on a held-out metric
@@ -389,7 +390,7 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
                "claims": [c.__dict__ for c in claims]}
     (run_dir / "preflight.json").write_text(json.dumps(details, indent=1, default=str), encoding="utf-8")
     write_report(run_dir, claims_for(run_dir))
-    return PreflightResult(verdict, claims, reasons, run_dir, details)
+    return PreflightResult(verdict, claims, reasons, run_dir, details, detector_claims)
 
 
 def _ready_reason(claims: list[Claim], judged: list[GoalJudgement]) -> str:
