@@ -35,9 +35,8 @@ def load_run(run_dir: Path):
     return experiment, cfg, read_run_file(run_dir, METRICS_FILE, read_metrics)
 
 
-def _needs(cfg, name: str, columns: set[str]) -> str | None:
-    """Why a detector could not look at this run, or None."""
-    h = cfg.health
+def _needs(h, name: str, columns: set[str]) -> str | None:
+    """Why a detector could not look at this run (h: its HealthConfig), or None."""
     if name == "collapse" and not (h.collapse_metric or h.rank_metric or h.bounds):
         return "no collapse_metric, rank_metric or bounds configured"
     if name == "grokking" and not {h.grok_train_metric, h.grok_val_metric} <= columns:
@@ -84,19 +83,25 @@ def _alert_claim(detector, mine: list[dict], where: str) -> Claim:
 
 
 def judge(experiment, cfg, rows: list[dict]) -> tuple[list[dict], list[Claim]]:
-    """The detectors over a run's rows (the last row per step): every alert, and one claim per
-    detector -- fired, checked and passed, or not measured and why.  The live detectors' state is a
-    function of these rows, so this is also what they concluded during the run."""
-    baseline = experiment.baseline_loss(cfg)
-    alerts, detectors = run_offline(cfg.health, baseline, cfg.train.steps, rows)
+    """The detectors over a trainlab run's rows (the last row per step): every alert, and one claim
+    per detector -- fired, checked and passed, or not measured and why.  The live detectors' state
+    is a function of these rows, so this is also what they concluded during the run."""
+    return judge_rows(cfg.health, experiment.baseline_loss(cfg), cfg.train.steps, rows)
+
+
+def judge_rows(health, baseline: float, total_steps: int, rows: list[dict],
+               log_name: str = "metrics.csv") -> tuple[list[dict], list[Claim]]:
+    """`judge` for any rows with a `step` key -- a trainlab run's or another loop's log -- given the
+    health config, the random-guess baseline of the loss and the run's planned length."""
+    alerts, detectors = run_offline(health, baseline, total_steps, rows)
     by_name = {d.name: d for d in detectors}
     columns = set().union(*(r.keys() for r in rows)) if rows else set()
-    where = f"metrics.csv, {len(rows)} rows, steps {rows[0]['step']}-{rows[-1]['step']}" if rows else "metrics.csv (empty)"
+    where = f"{log_name}, {len(rows)} rows, steps {rows[0]['step']}-{rows[-1]['step']}" if rows else f"{log_name} (empty)"
     claims = []
     for cls in DETECTORS:
-        policy = policy_of(cfg.health, cls.name)
+        policy = policy_of(health, cls.name)
         mine = [a for a in alerts if a["detector"] == cls.name]
-        missing = _needs(cfg, cls.name, columns)
+        missing = _needs(health, cls.name, columns)
         detector = by_name.get(cls.name)
         if policy == "off":
             claims.append(Claim(cls.name, "not measured", "detector off", f"health.{cls.name}=off", "config.yaml"))
@@ -107,7 +112,7 @@ def judge(experiment, cfg, rows: list[dict]) -> tuple[list[dict], list[Claim]]:
         elif not detector.checked:
             claims.append(Claim(cls.name, "not measured", detector.unjudged_reason(len(rows)), "-", where))
         elif cls.name == "grokking":
-            h = cfg.health
+            h = health
             best = {m: max((r[m] for r in rows if isinstance(r.get(m), (int, float))), default=None)
                     for m in (h.grok_train_metric, h.grok_val_metric)}
             claims.append(Claim(cls.name, "info", "not observed: best " + ", ".join(
