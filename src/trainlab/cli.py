@@ -64,9 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
                           "level, e.g. --target 'val_acc>=0.9' (quoted: the shell reads > as a redirection; "
                           "repeatable; READY needs every goal projected to be reached)")
 
-    check = sub.add_parser("check", help="run the health detectors over a run directory's metrics")
-    check.add_argument("run_dir", help="a run directory, e.g. runs/modadd-quick (its metrics.csv and config.yaml "
-                                       "are read; the verdicts go to check.json there)")
+    check = sub.add_parser("check", help="run the health detectors over a run directory's metrics, or over a "
+                                         "log another training loop wrote (CSV, JSON Lines, JSON, TensorBoard)")
+    check.add_argument("run_dir", metavar="PATH",
+                       help="a run directory, e.g. runs/modadd-quick (its metrics.csv and config.yaml are read; the "
+                            "verdicts go to check.json there), or another loop's log: a CSV file, JSON Lines, a JSON "
+                            "list of rows or dict of columns, a TensorBoard log directory (verdicts and report go to "
+                            "<log name>.trainlab/ beside it, or --out)")
+    log_opts = check.add_argument_group("a log trainlab did not write")
+    log_opts.add_argument("--baseline", metavar="LOSS|bce|ce:V",
+                          help="the loss of a random guess: a number, bce (ln 2) or ce:V (ln V for V classes); "
+                               "without it the stuck detector is not measured")
+    log_opts.add_argument("--steps", type=int, help="planned length of the run, for warm-up (default: the last "
+                                                    "step in the log)")
+    log_opts.add_argument("--out", metavar="DIR", help="where check.json and the report go (default: "
+                                                       "<log name>.trainlab/ beside the log)")
+    log_opts.add_argument("--format", dest="log_format", choices=["csv", "jsonl", "json", "tensorboard"],
+                          help="the log's format (default: from its name and first bytes)")
+    for role, flag, names in (("step", "--step-col", "step, global_step, iteration, iter, epoch"),
+                              ("loss", "--loss-col", "loss, train_loss, train/loss"),
+                              ("acc", "--train-metric", "acc, accuracy, train_acc"),
+                              ("val_acc", "--val-metric", "val_acc, eval_accuracy, val/acc"),
+                              ("val_loss", "--val-loss-col", "val_loss, eval_loss, val/loss"),
+                              ("grad_norm", "--grad-norm-col", "grad_norm"),
+                              ("lr", "--lr-col", "lr, learning_rate")):
+        log_opts.add_argument(flag, dest=f"col_{role}", metavar="COLUMN",
+                              help=f"the column read as {role} (default: the first of {names} in the log)")
 
     report = sub.add_parser("report", help="write report.md and report.html for a run directory")
     report.add_argument("run_dir", help="a run directory, e.g. runs/modadd-quick, or a sweep directory")
@@ -255,9 +278,26 @@ def cmd_preflight(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from trainlab.health.check import check_run
+    from trainlab.health.check import check_log, check_run, is_foreign_log
+    from trainlab.health.foreign import ROLE_FLAGS
 
     run_dir = Path(args.run_dir)
+    log_flags = [f for f, v in (("--baseline", args.baseline), ("--steps", args.steps), ("--out", args.out),
+                                ("--format", args.log_format)) if v is not None]
+    log_flags += [ROLE_FLAGS[k[4:]] for k, v in vars(args).items() if k.startswith("col_") and v is not None]
+    if args.log_format is not None or is_foreign_log(run_dir):
+        result = check_log(run_dir, out=Path(args.out) if args.out else None, fmt=args.log_format,
+                           columns={k[4:]: v for k, v in vars(args).items() if k.startswith("col_")},
+                           baseline=args.baseline, total_steps=args.steps)
+        _print_claims(result.claims)
+        critical = result.critical
+        worst = f": {critical[0]['detector']} at step {critical[0]['step']}" if critical else ""
+        print(f"trainlab: check {run_dir}: {len(result.alerts)} alerts, {len(critical)} critical{worst} "
+              f"-> {result.out_dir / 'report.html'}")
+        return EXIT_STOPPED if critical else 0
+    if log_flags:  # a trainlab run knows its baseline, length and columns from its config
+        shown = ", ".join(log_flags)
+        raise UsageError(f"{shown}: only for a log trainlab did not write; {run_dir} is a trainlab run directory")
     alerts, claims = check_run(run_dir)
     _print_claims(claims)
     serious = [a for a in alerts if a["severity"] in ("critical", "warn")]

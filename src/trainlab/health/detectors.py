@@ -9,6 +9,11 @@ is one alert, not one per row.  The same objects run offline over metrics.csv (`
 Statistics come from health/stats.py: Mann-Kendall with the Hamed-Rao autocorrelation correction
 for trends, batch means for "is the level at the baseline", a trend-robust jump z for spikes, and a
 two-segment likelihood ratio for gradient-norm regime changes.
+
+The baseline (the loss of a random guess) may be None, for a log that trainlab did not write and
+was checked without one: the stuck detector then judges nothing ("no baseline"), divergence only
+by its rise rule and without its minimum rise, the spike detector without its minimum rise.  A
+trainlab run always has one, and behaves as before.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from trainlab.formatting import format_number
 from trainlab.health import stats
 
 
+# what a detector that needs the random-guess loss says when it was given none (baseline=None: a
+# log that trainlab did not write, checked without --baseline)
+NO_BASELINE = "no baseline"
+
+
 def _num(row: dict, key: str) -> float | None:
     value = row.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -36,7 +46,7 @@ class Detector:
     severity = "warn"
     reports_clearing = False  # True for a lasting condition whose verdict is the state at the run's end
 
-    def __init__(self, cfg: HealthConfig, baseline: float, total_steps: int):
+    def __init__(self, cfg: HealthConfig, baseline: float | None, total_steps: int):
         self.cfg = cfg
         self.baseline = baseline
         self.total_steps = total_steps
@@ -152,9 +162,10 @@ class Divergence(LossWindowDetector):
         rising, rise_test = self._rise(step, loss)
         back_above, level, trend = False, None, None
         if window is not None:
-            level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
-            self.was_below = self.was_below or level.below
-            back_above = self.was_below and level.above
+            if self.baseline is not None:  # without a baseline only the rise rule can judge
+                level = stats.mean_below(window, self.baseline, alpha=self.cfg.alpha)
+                self.was_below = self.was_below or level.below
+                back_above = self.was_below and level.above
             trend = stats.mann_kendall(window, alpha=self.cfg.alpha)
         why = " and ".join(w for w, hit in (("a sustained rise", rising), ("back above the baseline", back_above)) if hit)
         shown = list(self.since_best) if rising or window is None else window
@@ -163,7 +174,8 @@ class Divergence(LossWindowDetector):
         cleared = len(self.since_best) == 1 or (trend is not None and trend.trend == "decreasing")
         return self.edge(step, rising or back_above,
                          f"divergence ({why}): loss {format_number(shown[0])} -> {format_number(shown[-1])} over {len(shown)} rows, "
-                         f"best {format_number(self.best)} at step {self.best_step}, baseline {format_number(self.baseline)}",
+                         f"best {format_number(self.best)} at step {self.best_step}, "
+                         + (f"baseline {format_number(self.baseline)}" if self.baseline is not None else "no baseline"),
                          clear=cleared, p_value=None if test is None else test.p_value,
                          sen_slope=None if test is None else test.sen_slope,
                          window_mean=None if level is None else level.mean,
@@ -173,7 +185,10 @@ class Divergence(LossWindowDetector):
     def _rise(self, step: int, loss: float) -> tuple[bool, stats.TrendTest | None]:
         """Whether the loss has climbed from its best (fast, or by a significant trend), and the
         trend test when there were enough rows for one."""
-        if not self.past_warmup(step) or loss - self.best <= self.cfg.divergence_min_rise * abs(self.baseline):
+        # no baseline (another loop's log without --baseline): no minimum rise; the 1.1 x best of the
+        # rules below is the only floor
+        min_rise = self.cfg.divergence_min_rise * abs(self.baseline) if self.baseline is not None else 0.0
+        if not self.past_warmup(step) or loss - self.best <= min_rise:
             return False, None
         rows = list(self.since_best)
         climb = rows[1:][-DIVERGENCE_RECENT_ROWS:]  # the last rows after the best
@@ -219,7 +234,8 @@ class Spike(Detector):
             else:
                 jump = stats.jump_z(loss, history, SPIKE_REFERENCE_ROWS)
                 median = jump.reference
-            floor = self.cfg.spike_min_rise * abs(self.baseline) if math.isfinite(self.baseline) else 0.0
+            floor = (self.cfg.spike_min_rise * abs(self.baseline)
+                     if self.baseline is not None and math.isfinite(self.baseline) else 0.0)
             spike = (jump.z > self.cfg.spike_z and (median <= 0 or loss > self.cfg.spike_ratio * median)
                      and loss - median > floor)
             ratio = loss / median if median > 0 else math.inf
@@ -271,7 +287,14 @@ class StuckAtBaseline(LossWindowDetector):
 
     name, severity = "stuck", "critical"
 
+    def unjudged_reason(self, rows: int) -> str:
+        if self.baseline is None:
+            return NO_BASELINE
+        return super().unjudged_reason(rows)
+
     def update(self, step, row):
+        if self.baseline is None:  # "no better than the random guess" needs the guess's loss
+            return []
         window = self.window(step, row)
         if window is None:
             return []

@@ -57,7 +57,7 @@ def _spans_decades(series: list[tuple[str, list]]) -> bool:
 
 def _plots(run: RunData, base: Baseline) -> list[_Plot]:
     plots: list[_Plot] = []
-    rows_note = f"metrics.csv, last row per step ({len(run.rows)} steps)"
+    rows_note = f"{run.log_name}, last row per step ({len(run.rows)} steps)"
     bands = phase_bands(run)
     device = str(run.first_start.get("device", ""))
 
@@ -423,3 +423,66 @@ def _write(path: Path, text: str) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)  # no half report left behind under a hidden name
         raise
+
+
+# ============================================================================ a log trainlab did not write
+
+def write_log_report(out_dir: Path, rows: list[dict], claims: list[Claim] | None, title: str, source: Path | str,
+                     *, baseline: float | None = None, baseline_text: str | None = None,
+                     raw_rows: int | None = None) -> tuple[Path, Path]:
+    """report.md, report.html and plots/report-*.svg/.png in `out_dir` for rows that are no trainlab
+    run directory (another loop's log, the Python API's rows): the same verdict table, plots and
+    numbers as a run's report, from `rows` (one per step, the detectors' column names) alone.
+    `source` names where the rows came from; `baseline` is the random-guess loss, if known."""
+    out_dir = Path(out_dir)
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    name = Path(str(source)).name or str(source)
+    run = RunData(path=out_dir, config=None, config_note="not a trainlab run", header=header, rows=rows,
+                  raw_rows=len(rows) if raw_rows is None else raw_rows, events=[], status={}, summary=None,
+                  log_name=name)
+    base_label = (f"random baseline {baseline_text}" if baseline_text else f"baseline {format_number(baseline)}") \
+        if baseline is not None else ""
+    base = Baseline(baseline, base_label, baseline_text or ("not given" if baseline is None else format_number(baseline)))
+    steps = f"{rows[0]['step']}-{rows[-1]['step']}" if rows else "none"
+    blocks: list = [Heading(1, f"Log report: {title}"),
+                    Table(["log", "value"], [["source", Code(str(source))], ["steps", f"{len(rows)} ({steps})"],
+                                             ["rows read", str(run.raw_rows)],
+                                             ["baseline loss", base.text]], css="header"),
+                    Heading(2, "Verdicts")]
+    if not claims:
+        blocks.append(Para("no verdicts given", css="missing"))
+    else:
+        blocks.append(Para(_verdict_counts(claims), css="note"))
+        blocks.append(Table(["name", "verdict", "value", "evidence", "source"],
+                            [[c.name, c.verdict, c.value, c.evidence, c.source] for c in claims], css="verdicts"))
+    blocks.append(Heading(2, "Plots"))
+    charts: dict[str, Chart] = {}
+    for p in _plots(run, base):
+        blocks.append(Heading(3, p.title))
+        if p.chart is None:
+            blocks.append(Para(p.missing, css="missing"))
+            continue
+        stem = f"{PLOT_PREFIX}{p.key}"
+        charts[stem] = p.chart
+        svg = inline_svg(p.chart.svg())
+        blocks.append(Figure(f"{stem}.svg", svg, p.caption.replace(" (computed from config.yaml)", ""), p.title,
+                             png=f"{stem}.png"))
+    blocks.append(Heading(2, "Numbers"))
+    numbers = _numbers(run) if rows else None
+    if numbers is None:
+        blocks.append(Para(f"not measured: {name} has no rows", css="missing"))
+    else:
+        blocks.append(Para(f"From {name}, keeping the last value per step ({len(rows)} steps from {run.raw_rows} "
+                           "rows); min and max over finite values.", css="note"))
+        blocks.append(numbers)
+    blocks.append(Para(f"Everything above is read from {name}, a log that trainlab did not write; the role columns "
+                       "carry the detectors' names (the log read claim says which column is which).", css="note"))
+    plots = out_dir / "plots"
+    if charts:
+        plots.mkdir(parents=True, exist_ok=True)
+    for stem, chart in charts.items():
+        chart.write(plots, stem)
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    _write(md_path, to_markdown(blocks))
+    _write(html_path, to_html(blocks, title))
+    return md_path, html_path

@@ -43,6 +43,7 @@ class RunData:
     cfg: Any = None
     cfg_note: str = ""  # why cfg is None although config is not
     heatmaps: list[Path] = field(default_factory=list)
+    log_name: str = METRICS_FILE  # the log the rows came from, as the report names it (another loop's log)
 
     def has(self, col: str) -> bool:
         return col in self.header
@@ -78,9 +79,9 @@ class RunData:
         absent = [c for c in cols if not self.has(c)]
         empty = [c for c in cols if self.has(c) and not self.series(c)]
         if absent:
-            parts.append(f"{', '.join(absent)} not in metrics.csv")
+            parts.append(f"{', '.join(absent)} not in {self.log_name}")
         if empty:
-            parts.append(f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no values in metrics.csv")
+            parts.append(f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no values in {self.log_name}")
         return "not measured: " + "; ".join(parts)
 
     @property
