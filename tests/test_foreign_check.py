@@ -87,6 +87,9 @@ def test_without_a_baseline_stuck_is_not_measured(tmp_path):
     assert claims["stuck"].verdict == "not measured"
     assert claims["stuck"].value == "no baseline (--baseline)"
     assert "'back above the baseline' not measured: no baseline" in claims["divergence"].evidence
+    # a column the log lacks is named as the reason, not "too few rows" (mutation: the grad_norm case
+    # of check._needs removed -> "never judged: 80 rows are too few ...")
+    assert (claims["grad_regime"].verdict, claims["grad_regime"].value) == ("not measured", "no grad_norm logged")
     assert not result.critical
     with_bce = judge_log(log, baseline="bce")
     assert [a["detector"] for a in with_bce.critical] == ["stuck"]

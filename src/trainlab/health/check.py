@@ -41,6 +41,8 @@ def load_run(run_dir: Path):
 
 def _needs(h, name: str, columns: set[str]) -> str | None:
     """Why a detector could not look at this run (h: its HealthConfig), or None."""
+    if name == "grad_regime" and "grad_norm" not in columns:
+        return "no grad_norm logged"
     if name == "collapse" and not (h.collapse_metric or h.rank_metric or h.bounds):
         return "no collapse_metric, rank_metric or bounds configured"
     if name == "grokking" and not {h.grok_train_metric, h.grok_val_metric} <= columns:
