@@ -1,4 +1,4 @@
-"""trainlab's command line: list · run · runs · config · preflight · check · report · sweep.
+"""trainlab's command line: list · run · runs · config · preflight · check · watch · report · sweep.
 
 Exit codes: 0 finished (or nothing left to do); 1 stopped by a health policy or a training failure;
 2 invalid input (one line on stderr, nothing written); 130 after SIGINT, 143 after SIGTERM, each
@@ -31,6 +31,28 @@ def _add_target_options(p: argparse.ArgumentParser, steps_help: str = "shorthand
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--steps", type=int, help=steps_help)
+
+
+def _add_log_options(log_opts, steps_help: str = "planned length of the run, for warm-up (default: the last "
+                                                  "step in the log)") -> None:
+    """The options that say how to read a log trainlab did not write: `check` and `watch` take the same."""
+    log_opts.add_argument("--baseline", metavar="LOSS|bce|ce:V",
+                          help="the loss of a random guess: a number, bce (ln 2) or ce:V (ln V for V classes); "
+                               "without it the stuck detector is not measured")
+    log_opts.add_argument("--steps", type=int, help=steps_help)
+    log_opts.add_argument("--out", metavar="DIR", help="where check.json and the report go (default: "
+                                                       "<log name>.trainlab/ beside the log)")
+    log_opts.add_argument("--format", dest="log_format", choices=["csv", "jsonl", "json", "tensorboard"],
+                          help="the log's format (default: from its name and first bytes)")
+    for role, flag, names in (("step", "--step-col", "step, global_step, iteration, iter, epoch"),
+                              ("loss", "--loss-col", "loss, train_loss, train/loss"),
+                              ("acc", "--train-metric", "acc, accuracy, train_acc"),
+                              ("val_acc", "--val-metric", "val_acc, eval_accuracy, val/acc"),
+                              ("val_loss", "--val-loss-col", "val_loss, eval_loss, val/loss"),
+                              ("grad_norm", "--grad-norm-col", "grad_norm"),
+                              ("lr", "--lr-col", "lr, learning_rate")):
+        log_opts.add_argument(flag, dest=f"col_{role}", metavar="COLUMN",
+                              help=f"the column read as {role} (default: the first of {names} in the log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,25 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "verdicts go to check.json there), or another loop's log: a CSV file, JSON Lines, a JSON "
                             "list of rows or dict of columns, a TensorBoard log directory (verdicts and report go to "
                             "<log name>.trainlab/ beside it, or --out)")
-    log_opts = check.add_argument_group("a log trainlab did not write")
-    log_opts.add_argument("--baseline", metavar="LOSS|bce|ce:V",
-                          help="the loss of a random guess: a number, bce (ln 2) or ce:V (ln V for V classes); "
-                               "without it the stuck detector is not measured")
-    log_opts.add_argument("--steps", type=int, help="planned length of the run, for warm-up (default: the last "
-                                                    "step in the log)")
-    log_opts.add_argument("--out", metavar="DIR", help="where check.json and the report go (default: "
-                                                       "<log name>.trainlab/ beside the log)")
-    log_opts.add_argument("--format", dest="log_format", choices=["csv", "jsonl", "json", "tensorboard"],
-                          help="the log's format (default: from its name and first bytes)")
-    for role, flag, names in (("step", "--step-col", "step, global_step, iteration, iter, epoch"),
-                              ("loss", "--loss-col", "loss, train_loss, train/loss"),
-                              ("acc", "--train-metric", "acc, accuracy, train_acc"),
-                              ("val_acc", "--val-metric", "val_acc, eval_accuracy, val/acc"),
-                              ("val_loss", "--val-loss-col", "val_loss, eval_loss, val/loss"),
-                              ("grad_norm", "--grad-norm-col", "grad_norm"),
-                              ("lr", "--lr-col", "lr, learning_rate")):
-        log_opts.add_argument(flag, dest=f"col_{role}", metavar="COLUMN",
-                              help=f"the column read as {role} (default: the first of {names} in the log)")
+    _add_log_options(check.add_argument_group("a log trainlab did not write"))
+
+    watch = sub.add_parser("watch", help="run someone else's training script and its log through the live "
+                                         "detectors: trainlab watch --log PATH [options] -- COMMAND ...")
+    watch.add_argument("--log", metavar="PATH", help="the log COMMAND writes: CSV, JSON Lines, JSON or a TensorBoard "
+                                                     "directory (it may appear after COMMAND starts)")
+    watch.add_argument("--policy", dest="policies", action="append", default=[], metavar="NAME=warn|stop",
+                       help="what an alert of detector NAME does: warn (the default for every detector) or stop "
+                            "(send the child --stop-signal, then SIGTERM, then SIGKILL, --grace seconds apart; "
+                            "exit 1); repeatable")
+    watch.add_argument("--poll", type=float, default=1.0, metavar="S", help="seconds between reads of the log "
+                                                                            "(default 1)")
+    watch.add_argument("--grace", type=float, default=30.0, metavar="S",
+                       help="seconds the child has after each signal of a stop to save and exit (default 30)")
+    watch.add_argument("--stop-signal", default="INT", metavar="SIG",
+                       help="the first signal of a stop: INT (the default: a script's Ctrl-C handler saves its "
+                            "checkpoint), TERM, HUP, QUIT, USR1 or USR2")
+    _add_log_options(watch.add_argument_group("how to read the log (as trainlab check)"),
+                     steps_help="planned length of the run, for warm-up (default: none while it runs; the final "
+                                "check takes the last step in the log)")
+    watch.add_argument("child_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                       help="the training script and its arguments, after --")
 
     report = sub.add_parser("report", help="write report.md and report.html for a run directory")
     report.add_argument("run_dir", help="a run directory, e.g. runs/modadd-quick, or a sweep directory")
@@ -306,6 +331,16 @@ def cmd_check(args) -> int:
     return EXIT_STOPPED if serious else 0
 
 
+def cmd_watch(args) -> int:
+    from trainlab.health.watcher import run_watch
+
+    command = args.child_command[1:] if args.child_command[:1] == ["--"] else args.child_command
+    return run_watch(command, Path(args.log) if args.log else None, Path(args.out) if args.out else None,
+                     fmt=args.log_format, columns={k[4:]: v for k, v in vars(args).items() if k.startswith("col_")},
+                     baseline=args.baseline, total_steps=args.steps, policies=args.policies, poll=args.poll,
+                     grace=args.grace, stop_signal=args.stop_signal)
+
+
 def cmd_report(args) -> int:
     from trainlab.health.evidence import claims_for
     from trainlab.report.render import write_report
@@ -341,7 +376,8 @@ def cmd_sweep(args) -> int:
 
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "runs": cmd_runs, "config": cmd_config,
-            "preflight": cmd_preflight, "check": cmd_check, "report": cmd_report, "sweep": cmd_sweep}
+            "preflight": cmd_preflight, "check": cmd_check, "watch": cmd_watch, "report": cmd_report,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

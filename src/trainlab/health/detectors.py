@@ -116,9 +116,15 @@ class NonFinite(Detector):
         return self.edge(step, bool(bad), "non-finite " + ", ".join(f"{k}={row[k]}" for k in bad), columns=bad)
 
 
-DIVERGENCE_MIN_ROWS = 5  # rows from the best on: the fewest at which Mann-Kendall can be significant
+DIVERGENCE_MIN_ROWS = 5  # rows after the best before the trend is tested (six make a monotone rise significant at 0.01)
 DIVERGENCE_RECENT_ROWS = 3  # the rise must hold for the median of these, so one spike is no divergence
 DIVERGENCE_FAST_RATIO = 1.5  # a climb this far above the best over 3 rising rows needs no trend test
+# The rise must also clear the loss's own row-to-row noise by this many sigma (stats.row_noise over
+# the rows after the best, a trend-robust estimate): in a log of single-batch losses (another loop's
+# CSV, a Lightning fit) the best is a low outlier of a flat, noisy curve, every later row sits above
+# it, and both rules used to fire on a healthy run (a plain loop's loss 0.079 at its best, 0.11-0.28
+# around it: "divergence" at step 240).  trainlab's own rows are interval means, far less noisy.
+DIVERGENCE_NOISE_Z = 4.0
 
 
 class Divergence(LossWindowDetector):
@@ -134,8 +140,10 @@ class Divergence(LossWindowDetector):
     needs six rows to call, when the last 3 rows since the best rise row after row, all above
     1.1 x the best, the last above 1.5 x the best (and above the minimum rise).
     Warm-up: warmup_fraction of the steps.  Latency: a fast climb fires on its third row above
-    1.1 x the best; a slow one when Mann-Kendall turns significant (at alpha 0.01, at least six
-    rows from the best, the best included), later as noise hides it."""
+    1.1 x the best; a slow one when Mann-Kendall on the rows after the best turns significant (at
+    alpha 0.01, at least six rows after it), later as noise hides it.  Both rules also need the
+    rise to clear DIVERGENCE_NOISE_Z x the row-to-row noise of the rows after the best, measured
+    from the median level those rows held before the last 3 (from the best while fewer follow it)."""
 
     name, severity = "divergence", "critical"
     after_warmup = False  # "back above the baseline" needs no warm-up; the rise test checks it itself
@@ -191,14 +199,23 @@ class Divergence(LossWindowDetector):
         if not self.past_warmup(step) or loss - self.best <= min_rise:
             return False, None
         rows = list(self.since_best)
+        noise_floor = DIVERGENCE_NOISE_Z * stats.row_noise(rows[1:])  # 0 until 3 rows follow the best
+        # the rise is measured from the level the loss held after its best, before the last rows (the
+        # best alone is a low outlier of a noisy curve); from the best itself while too few rows follow it
+        settled = rows[1:-DIVERGENCE_RECENT_ROWS]
+        level = float(np.median(settled)) if len(settled) >= DIVERGENCE_RECENT_ROWS else self.best
         climb = rows[1:][-DIVERGENCE_RECENT_ROWS:]  # the last rows after the best
         fast = (len(climb) == DIVERGENCE_RECENT_ROWS and all(a < b for a, b in zip(climb, climb[1:]))
-                and climb[0] > 1.1 * self.best and loss > DIVERGENCE_FAST_RATIO * self.best)
-        if len(rows) < DIVERGENCE_MIN_ROWS:
+                and climb[0] > 1.1 * self.best and loss > DIVERGENCE_FAST_RATIO * self.best
+                and loss - level > noise_floor)
+        # the trend is tested on the rows AFTER the best: the best is the minimum by selection, and a
+        # flat noisy series starting from its own minimum looks like a rise to Mann-Kendall
+        if len(rows) - 1 < DIVERGENCE_MIN_ROWS:
             return fast, None
-        trend = stats.mann_kendall(rows, alpha=self.cfg.alpha)
+        trend = stats.mann_kendall(rows[1:], alpha=self.cfg.alpha)
         recent = float(np.median(rows[-DIVERGENCE_RECENT_ROWS:]))
-        return fast or (trend.trend == "increasing" and recent > 1.1 * self.best), trend
+        slow = trend.trend == "increasing" and recent > 1.1 * self.best and recent - level > noise_floor
+        return fast or slow, trend
 
 
 SPIKE_MIN_HISTORY = 5  # finite rows before a row can be judged: the 6th finite row is the first

@@ -1178,5 +1178,15 @@ def jump_z(value: float, history: Sequence[float] | np.ndarray, reference_rows: 
     reference = float(np.median(h[-reference_rows:]))
     if not math.isfinite(v):
         return Jump(float("nan"), reference, float("nan"))
-    scale = _robust_sigma(np.diff(h)) / math.sqrt(2.0)  # a difference of two rows has sqrt(2) x their noise
-    return Jump(_standardise(v - reference, scale), reference, scale)
+    return Jump(_standardise(v - reference, row_noise(h)), reference, row_noise(h))
+
+
+def row_noise(history: Sequence[float] | np.ndarray) -> float:
+    """The noise of one row about the series' local level, robust to a trend and to a few outliers:
+    1.4826 MAD(first differences) / sqrt(2) (a difference of two rows has sqrt(2) x their noise).
+    Non-finite values are ignored; 0.0 for fewer than 3 finite values."""
+    h = np.asarray(history, dtype=np.float64).reshape(-1)
+    h = h[np.isfinite(h)]
+    if h.size < 3:
+        return 0.0
+    return _robust_sigma(np.diff(h)) / math.sqrt(2.0)
