@@ -318,22 +318,10 @@ def _assemble(run_dir: Path, claims: list[Claim] | None, title: str | None) -> _
     elif not claims:
         blocks.append(Para("no verdicts: the list of claims given is empty", css="missing"))
     else:
-        blocks.append(Para(_verdict_counts(claims), css="note"))
-        blocks.append(Table(["name", "verdict", "value", "evidence", "source"],
-                            [[c.name, c.verdict, c.value, c.evidence, c.source] for c in claims], css="verdicts"))
+        blocks += _claim_blocks(claims)
 
     blocks.append(Heading(2, "Plots"))
-    charts: dict[str, Chart] = {}
-    inline: dict[str, str] = {}
-    for p in _plots(run, base):
-        blocks.append(Heading(3, p.title))
-        if p.chart is None:
-            blocks.append(Para(p.missing, css="missing"))
-            continue
-        stem = f"{PLOT_PREFIX}{p.key}"
-        charts[stem] = p.chart
-        inline[f"{stem}.svg"] = inline_svg(p.chart.svg())
-        blocks.append(Figure(f"{stem}.svg", inline[f"{stem}.svg"], p.caption, p.title, png=f"{stem}.png"))
+    charts, inline = _plot_blocks(run, base, blocks)
     blocks.append(Heading(3, "heatmaps"))
     if not run.heatmaps:
         blocks.append(Para("not measured: no heatmaps in plots/ (the trainer draws them for experiments that "
@@ -398,6 +386,32 @@ def report_figures(run_dir: Path) -> list[tuple[str, "MatplotlibFigure"]]:
     return [(stem, chart.figure) for stem, chart in _assemble(run_dir, None, None).charts.items()]
 
 
+
+def _claim_blocks(claims: list[Claim]) -> list:
+    """The verdict table with its one-line count above it."""
+    return [Para(_verdict_counts(claims), css="note"),
+            Table(["name", "verdict", "value", "evidence", "source"],
+                  [[c.name, c.verdict, c.value, c.evidence, c.source] for c in claims], css="verdicts")]
+
+
+def _plot_blocks(run: RunData, base: Baseline, blocks: list,
+                 caption=lambda text: text) -> tuple[dict[str, Chart], dict[str, str]]:
+    """Each plot of the run as a figure appended to `blocks` (or why it is missing).  Returns the
+    charts by file stem (for the caller to write as SVG and PNG under plots/) and each SVG as
+    report.html inlines it, by file name."""
+    charts: dict[str, Chart] = {}
+    inline: dict[str, str] = {}
+    for p in _plots(run, base):
+        blocks.append(Heading(3, p.title))
+        if p.chart is None:
+            blocks.append(Para(p.missing, css="missing"))
+            continue
+        stem = f"{PLOT_PREFIX}{p.key}"
+        charts[stem] = p.chart
+        inline[f"{stem}.svg"] = inline_svg(p.chart.svg())
+        blocks.append(Figure(f"{stem}.svg", inline[f"{stem}.svg"], caption(p.caption), p.title, png=f"{stem}.png"))
+    return charts, inline
+
 def write_report(run_dir: Path, claims: list[Claim] | None = None, title: str | None = None) -> tuple[Path, Path]:
     """Write run_dir/report.md, run_dir/report.html and run_dir/plots/report-*.svg and .png; return
     the two paths.  Other files in plots/ (the trainer's heatmaps) are left as they are."""
@@ -452,21 +466,10 @@ def write_log_report(out_dir: Path, rows: list[dict], claims: list[Claim] | None
     if not claims:
         blocks.append(Para("no verdicts given", css="missing"))
     else:
-        blocks.append(Para(_verdict_counts(claims), css="note"))
-        blocks.append(Table(["name", "verdict", "value", "evidence", "source"],
-                            [[c.name, c.verdict, c.value, c.evidence, c.source] for c in claims], css="verdicts"))
+        blocks += _claim_blocks(claims)
     blocks.append(Heading(2, "Plots"))
-    charts: dict[str, Chart] = {}
-    for p in _plots(run, base):
-        blocks.append(Heading(3, p.title))
-        if p.chart is None:
-            blocks.append(Para(p.missing, css="missing"))
-            continue
-        stem = f"{PLOT_PREFIX}{p.key}"
-        charts[stem] = p.chart
-        svg = inline_svg(p.chart.svg())
-        blocks.append(Figure(f"{stem}.svg", svg, p.caption.replace(" (computed from config.yaml)", ""), p.title,
-                             png=f"{stem}.png"))
+    # no config.yaml here: a caption that names it would point at a file that is not there
+    charts, _ = _plot_blocks(run, base, blocks, caption=lambda text: text.replace(" (computed from config.yaml)", ""))
     blocks.append(Heading(2, "Numbers"))
     numbers = _numbers(run) if rows else None
     if numbers is None:
