@@ -24,9 +24,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _add_target_options(p: argparse.ArgumentParser, steps_help: str = "shorthand for --set train.steps=N") -> None:
-    p.add_argument("target", help="experiment name (trainlab list), a YAML config file, or your own experiment: "
-                                  "path/to/file.py:NAME or package.module:NAME (docs/adding-an-experiment.md)")
+def _add_target_options(p: argparse.ArgumentParser, steps_help: str = "shorthand for --set train.steps=N",
+                         target_nargs: str | None = None) -> None:
+    p.add_argument("target", nargs=target_nargs,
+                   help="experiment name (trainlab list), a YAML config file, or your own experiment: "
+                        "path/to/file.py:NAME or package.module:NAME (docs/adding-an-experiment.md)")
     p.add_argument("--preset", help="preset of the experiment (default: the experiment's default)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
@@ -34,12 +36,14 @@ def _add_target_options(p: argparse.ArgumentParser, steps_help: str = "shorthand
 
 
 def _add_log_options(log_opts, steps_help: str = "planned length of the run, for warm-up (default: the last "
-                                                  "step in the log)") -> None:
-    """The options that say how to read a log trainlab did not write: `check` and `watch` take the same."""
+                                                  "step in the log)", steps: bool = True) -> None:
+    """The options that say how to read a log trainlab did not write: `check` and `watch` take the same
+    (`preflight --log` too, without --steps: its --steps is the length of its own run)."""
     log_opts.add_argument("--baseline", metavar="LOSS|bce|ce:V",
                           help="the loss of a random guess: a number, bce (ln 2) or ce:V (ln V for V classes); "
                                "without it the stuck detector is not measured")
-    log_opts.add_argument("--steps", type=int, help=steps_help)
+    if steps:
+        log_opts.add_argument("--steps", type=int, help=steps_help)
     log_opts.add_argument("--out", metavar="DIR", help="where check.json and the report go (default: "
                                                        "<log name>.trainlab/ beside the log)")
     log_opts.add_argument("--format", dest="log_format", choices=["csv", "jsonl", "json", "tensorboard"],
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("preflight", help="a short real run, measured: is this run worth its GPU hours?")
     _add_target_options(pre, steps_help="steps of the preflight run (default 200; its config's train.steps "
-                                        "is the planned length)")
+                                        "is the planned length)", target_nargs="?")
     pre.add_argument("--run-dir", help="where the preflight runs (default: runs/<experiment>-<preset>-preflight; "
                                        "an old one is moved aside)")
     pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -85,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a goal of the run, projected to the planned step: a logged metric, >=, <=, > or <, a "
                           "level, e.g. --target 'val_acc>=0.9' (quoted: the shell reads > as a redirection; "
                           "repeatable; READY needs every goal projected to be reached)")
+    foreign = pre.add_argument_group("someone else's script: trainlab preflight --log PATH --max-seconds S "
+                                     "[options] -- COMMAND ... (no target)")
+    foreign.add_argument("--log", metavar="PATH", help="the log COMMAND writes (CSV, JSON Lines, JSON or a "
+                                                       "TensorBoard directory); COMMAND runs --max-seconds, then "
+                                                       "the verdict from its log")
+    foreign.add_argument("--grace", type=float, default=30.0, metavar="S",
+                         help="seconds COMMAND has after SIGINT, then after SIGTERM, to save and exit (default 30)")
+    _add_log_options(foreign, steps=False)
 
     check = sub.add_parser("check", help="run the health detectors over a run directory's metrics, or over a "
                                          "log another training loop wrote (CSV, JSON Lines, JSON, TensorBoard)")
@@ -265,7 +277,39 @@ def _print_claims(claims) -> None:
         print(f"  {c.name.ljust(width)}  {c.verdict.upper():12s} {c.value}")
 
 
+def _foreign_preflight(args) -> int:
+    from trainlab.health.foreign_preflight import run_foreign_preflight
+
+    if args.target is not None:
+        raise UsageError(f"preflight: a target ({args.target}) or --log PATH -- COMMAND, not both")
+    not_here = [f for f, v in (("--steps", args.steps), ("--preset", args.preset), ("--run-dir", args.run_dir))
+                if v is not None] + (["--set"] if args.sets else []) + (["--target"] if args.targets else [])
+    if not_here:
+        raise UsageError(f"preflight --log: {', '.join(not_here)} only for a trainlab experiment (the script's "
+                         "own length is --planned-steps, its budget --max-seconds)")
+    if not args.grace >= 0:
+        raise UsageError(f"--grace {args.grace}: seconds, 0 or more")
+    return run_foreign_preflight(args.child_command, Path(args.log) if args.log else None,
+                                 Path(args.out) if args.out else None, max_seconds=args.max_seconds,
+                                 planned_steps=args.planned_steps, fmt=args.log_format,
+                                 columns={k[4:]: v for k, v in vars(args).items() if k.startswith("col_")},
+                                 baseline=args.baseline, grace=args.grace)
+
+
 def cmd_preflight(args) -> int:
+    args.child_command = getattr(args, "child_command", None) or []
+    if args.log is not None or args.child_command:
+        return _foreign_preflight(args)
+    if args.target is None:
+        raise UsageError("trainlab preflight: the following arguments are required: target (or --log PATH -- "
+                         "COMMAND for someone else's script)")
+    log_only = [f for f, v in (("--baseline", args.baseline), ("--out", args.out), ("--format", args.log_format))
+                if v is not None]
+    from trainlab.health.foreign import ROLE_FLAGS
+
+    log_only += [ROLE_FLAGS[k[4:]] for k, v in vars(args).items() if k.startswith("col_") and v is not None]
+    if log_only:
+        raise UsageError(f"preflight: {', '.join(log_only)} only with --log PATH -- COMMAND (someone else's script)")
     from trainlab.config import MAX_STEPS
     from trainlab.health.goals import declared_goals
     from trainlab.health.claims import Claim
@@ -380,9 +424,21 @@ COMMANDS = {"list": cmd_list, "run": cmd_run, "runs": cmd_runs, "config": cmd_co
             "sweep": cmd_sweep}
 
 
+def _split_child_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`preflight ... -- COMMAND ...`: (trainlab's arguments, COMMAND); COMMAND is None without `--`.
+    Split before argparse, which would read COMMAND's first word as preflight's optional target."""
+    if argv[:1] == ["preflight"] and "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv, child_command = _split_child_command(list(sys.argv[1:] if argv is None else argv))
         args = build_parser().parse_args(argv)
+        if args.command == "preflight":
+            args.child_command = child_command or []
         return COMMANDS[args.command](args)
     except UsageError as exc:
         print(f"trainlab: error: {brief(exc, None)}", file=sys.stderr)

@@ -374,13 +374,7 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
 
     # a goal that will be missed is the reason a person needs first: the run may be healthy otherwise
     fails, warns = goal_fails + fails, goal_warns + warns
-    if fails:
-        verdict = "NOT READY"
-    elif warns:
-        verdict = "UNCERTAIN"
-    else:
-        verdict = "READY"
-    reasons = fails + warns or [_ready_reason(claims, judged)]
+    verdict, reasons = verdict_of(fails, warns, lambda: _ready_reason(claims, judged))
     details = {"verdict": verdict, "summary": f"{verdict}: {reasons[0]}", "reasons": reasons,
                "steps_run": done_steps, "wall_s": round(wall, 2),
                "planned_steps": planned_steps, "baseline_loss": baseline, "learning": learn,
@@ -391,6 +385,16 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
     (run_dir / "preflight.json").write_text(json.dumps(details, indent=1, default=str), encoding="utf-8")
     write_report(run_dir, claims_for(run_dir))
     return PreflightResult(verdict, claims, reasons, run_dir, details, detector_claims)
+
+
+def verdict_of(fails: list[str], warns: list[str], ready_reason) -> tuple[str, list[str]]:
+    """(verdict, reasons): NOT READY on a failure, UNCERTAIN on a doubt, else READY with
+    `ready_reason()` as its one reason; the failures come first."""
+    if fails:
+        return "NOT READY", fails + warns
+    if warns:
+        return "UNCERTAIN", warns
+    return "READY", [ready_reason()]
 
 
 def _ready_reason(claims: list[Claim], judged: list[GoalJudgement]) -> str:
