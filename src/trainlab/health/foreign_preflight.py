@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import signal
 import time
 from pathlib import Path
 
@@ -60,11 +59,8 @@ class BudgetWatcher(Watcher):
             self.started = time.monotonic()
         if not self.budget_hit and self.stopped_by is None and time.monotonic() - self.started >= self.max_seconds:
             self.budget_hit = True
-            self.say(f"the budget of {self.max_seconds:g} s is spent: sending {self.stop_signal.name}, then SIGTERM "
-                     f"and SIGKILL {self.grace:g} s apart while it runs")
-            self.send(self.stop_signal, f"--max-seconds {self.max_seconds:g} spent")
-            self.escalation = [s for s in (signal.SIGTERM, signal.SIGKILL) if s != self.stop_signal]
-            self.deadline = time.monotonic() + self.grace
+            self.begin_stop(f"the budget of {self.max_seconds:g} s is spent: sending",
+                            f"--max-seconds {self.max_seconds:g} spent")
         super()._escalate()
 
 

@@ -225,6 +225,14 @@ class Watcher:
         self.signals_sent.append(sig.name)
         self.event({"kind": "signal", "signal": sig.name, "reason": why})
 
+    def begin_stop(self, headline: str, why: str) -> None:
+        """The stop sequence: the stop signal now (the child's own checkpoint handler runs), then
+        SIGTERM and SIGKILL, each after the grace, while the child still runs (see _escalate)."""
+        self.say(f"{headline} {self.stop_signal.name}, then SIGTERM and SIGKILL {self.grace:g} s apart while it runs")
+        self.send(self.stop_signal, why)
+        self.escalation = [s for s in (signal.SIGTERM, signal.SIGKILL) if s != self.stop_signal]
+        self.deadline = time.monotonic() + self.grace
+
     def _on_signal(self, signum, _frame) -> None:
         sig = signal.Signals(signum)
         self.say(f"{sig.name} received: passed to the child")
@@ -266,11 +274,7 @@ class Watcher:
                              f"{alert['policy']}): {alert['message']}")
                     if alert["policy"] == "stop" and self.stopped_by is None:
                         self.stopped_by = alert
-                        self.say(f"stopping the child: {self.stop_signal.name}, then SIGTERM and SIGKILL "
-                                 f"{self.grace:g} s apart while it runs")
-                        self.send(self.stop_signal, f"policy {d.name}=stop at step {alert['step']}")
-                        self.escalation = [s for s in (signal.SIGTERM, signal.SIGKILL) if s != self.stop_signal]
-                        self.deadline = time.monotonic() + self.grace
+                        self.begin_stop("stopping the child:", f"policy {d.name}=stop at step {alert['step']}")
 
     # ------------------------------------------------------------------------------------ the loop
 
