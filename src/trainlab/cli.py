@@ -59,6 +59,22 @@ def _add_log_options(log_opts, steps_help: str = "planned length of the run, for
                               help=f"the column read as {role} (default: the first of {names} in the log)")
 
 
+def _log_columns(args) -> dict[str, str | None]:
+    """The column of each role the user named with _add_log_options' flags (None: found by name)."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("col_")}
+
+
+def _log_flags_given(args, steps: bool = True) -> list[str]:
+    """The log-reading flags of _add_log_options the user gave, as typed: for the one-line refusal
+    of a flag that means nothing for a trainlab experiment or run directory."""
+    from trainlab.health.foreign import ROLE_FLAGS
+
+    given = [(f, v) for f, v in (("--baseline", args.baseline), ("--steps", args.steps if steps else None),
+                                 ("--out", args.out), ("--format", args.log_format))]
+    return ([f for f, v in given if v is not None]
+            + [ROLE_FLAGS[role] for role, v in _log_columns(args).items() if v is not None])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trainlab", description="Train small experimental networks and know, with "
                      "measured evidence, whether a run is healthy.")
@@ -292,7 +308,7 @@ def _foreign_preflight(args) -> int:
     return run_foreign_preflight(args.child_command, Path(args.log) if args.log else None,
                                  Path(args.out) if args.out else None, max_seconds=args.max_seconds,
                                  planned_steps=args.planned_steps, fmt=args.log_format,
-                                 columns={k[4:]: v for k, v in vars(args).items() if k.startswith("col_")},
+                                 columns=_log_columns(args),
                                  baseline=args.baseline, grace=args.grace)
 
 
@@ -303,11 +319,7 @@ def cmd_preflight(args) -> int:
     if args.target is None:
         raise UsageError("trainlab preflight: the following arguments are required: target (or --log PATH -- "
                          "COMMAND for someone else's script)")
-    log_only = [f for f, v in (("--baseline", args.baseline), ("--out", args.out), ("--format", args.log_format))
-                if v is not None]
-    from trainlab.health.foreign import ROLE_FLAGS
-
-    log_only += [ROLE_FLAGS[k[4:]] for k, v in vars(args).items() if k.startswith("col_") and v is not None]
+    log_only = _log_flags_given(args, steps=False)  # preflight's own --steps is its run's length
     if log_only:
         raise UsageError(f"preflight: {', '.join(log_only)} only with --log PATH -- COMMAND (someone else's script)")
     from trainlab.config import MAX_STEPS
@@ -348,15 +360,12 @@ def cmd_preflight(args) -> int:
 
 def cmd_check(args) -> int:
     from trainlab.health.check import check_log, check_run, is_foreign_log
-    from trainlab.health.foreign import ROLE_FLAGS
 
     run_dir = Path(args.run_dir)
-    log_flags = [f for f, v in (("--baseline", args.baseline), ("--steps", args.steps), ("--out", args.out),
-                                ("--format", args.log_format)) if v is not None]
-    log_flags += [ROLE_FLAGS[k[4:]] for k, v in vars(args).items() if k.startswith("col_") and v is not None]
+    log_flags = _log_flags_given(args)
     if args.log_format is not None or is_foreign_log(run_dir):
         result = check_log(run_dir, out=Path(args.out) if args.out else None, fmt=args.log_format,
-                           columns={k[4:]: v for k, v in vars(args).items() if k.startswith("col_")},
+                           columns=_log_columns(args),
                            baseline=args.baseline, total_steps=args.steps)
         _print_claims(result.claims)
         critical = result.critical
@@ -380,7 +389,7 @@ def cmd_watch(args) -> int:
 
     command = args.child_command[1:] if args.child_command[:1] == ["--"] else args.child_command
     return run_watch(command, Path(args.log) if args.log else None, Path(args.out) if args.out else None,
-                     fmt=args.log_format, columns={k[4:]: v for k, v in vars(args).items() if k.startswith("col_")},
+                     fmt=args.log_format, columns=_log_columns(args),
                      baseline=args.baseline, total_steps=args.steps, policies=args.policies, poll=args.poll,
                      grace=args.grace, stop_signal=args.stop_signal)
 
