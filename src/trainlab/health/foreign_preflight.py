@@ -137,10 +137,9 @@ def run_foreign_preflight(command: list[str], log: Path | None, out: Path | None
 def _judge(watcher, child_code, wall, command, log, out_dir, fmt, columns, baseline, base, planned_steps,
            check_log) -> int:
     from trainlab.formatting import format_number
-    from trainlab.health import stats
     from trainlab.health.claims import Claim
-    from trainlab.health.preflight import (ANSWERED_BY_PREFLIGHT, WARMUP_FRACTION, _learning_claim,
-                                           _ready_reason, verdict_of)
+    from trainlab.health.preflight import (WARMUP_FRACTION, _learning_claim, _ready_reason, detector_fails,
+                                           projection_claim, verdict_of)
     from trainlab.report.render import write_log_report
 
     shown = shlex.join(command)
@@ -185,14 +184,8 @@ def _judge(watcher, child_code, wall, command, log, out_dir, fmt, columns, basel
             claims.append(Claim("projection (not a measurement)", "not measured", "not measured: --planned-steps not "
                                 "given", "-", "--planned-steps"))
         elif len(pts) >= 10 and planned_steps > pts[-1][0]:
-            proj = stats.project([p[0] for p in pts], [p[1] for p in pts], planned_steps)
-            best = max(proj.families, key=lambda k: proj.families[k][3])
-            claims.append(Claim("projection (not a measurement)", "info",
-                                f"loss at step {planned_steps}: {format_number(proj.value)} [{format_number(proj.interval[0])}, "
-                                f"{format_number(proj.interval[1])}] (90 % bootstrap interval)",
-                                f"AIC-weighted ensemble of power/exp/log fits, heaviest {best}; extrapolates "
-                                f"{format_number(proj.extrapolation_ratio, 3)}x beyond the last measured step", where))
-            learn["projection"] = {"value": proj.value, "interval": list(proj.interval)}
+            claim, learn["projection"] = projection_claim(pts, planned_steps, None, where)
+            claims.append(claim)
         else:
             claims.append(Claim("projection (not a measurement)", "not measured",
                                 f"{len(pts)} finite loss rows (needs 10) or --planned-steps {planned_steps} not beyond "
@@ -225,9 +218,7 @@ def _judge(watcher, child_code, wall, command, log, out_dir, fmt, columns, basel
     # ---- the detectors (check.json): a critical alert fails unless a claim above answers the question
     detector_claims = [c for c in (checked.claims if checked is not None else [])
                        if c.name not in ("log", "baseline", "planned steps", "log read")]
-    for c in detector_claims:
-        if c.verdict == "fail" and c.name not in ANSWERED_BY_PREFLIGHT:
-            fails.append(f"detector {c.name}: {c.value}")
+    fails += detector_fails(detector_claims)
     verdict, reasons = verdict_of(fails, warns, lambda: _ready_reason(claims, []).split(" (no goal")[0])
     details = {"verdict": verdict, "summary": f"{verdict}: {reasons[0]}", "reasons": reasons,
                "command": command, "log": str(log), "child_exit_code": child_code,

@@ -343,18 +343,13 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         raised = parts.loss_floor() if parts is not None and floor is not None else 0.0
         if raised:
             floor += raised
-        proj = stats.project([p[0] for p in pts], [p[1] for p in pts], planned_steps, lower_bound=floor)
-        best = max(proj.families, key=lambda k: proj.families[k][3])
         floor_note = (f"; floor {format_number(floor)} = the loss's lower bound {format_number(experiment.loss_lower_bound)}"
                       f" + {format_number(raised)}, as {parts.why_capped()}" if raised else "")
-        claims.append(Claim("projection (not a measurement)", "info",
-                            f"loss at step {planned_steps}: {format_number(proj.value)} [{format_number(proj.interval[0])}, "
-                            f"{format_number(proj.interval[1])}] (90 % bootstrap interval)"
-                            + (f", floor {format_number(floor)} (parts at chance)" if raised else ""),
-                            f"AIC-weighted ensemble of power/exp/log fits, heaviest {best}; extrapolates "
-                            f"{format_number(proj.extrapolation_ratio, 3)}x beyond the last measured step{floor_note}",
-                            "metrics.csv loss"))
-        learn["projection"] = {"value": proj.value, "interval": list(proj.interval), "lower_bound": floor}
+        claim, learn["projection"] = projection_claim(
+            pts, planned_steps, floor, "metrics.csv loss",
+            value_note=f", floor {format_number(floor)} (parts at chance)" if raised else "", evidence_note=floor_note)
+        learn["projection"]["lower_bound"] = floor
+        claims.append(claim)
     else:
         claims.append(Claim("projection (not a measurement)", "not measured",
                             "too few rows or planned steps not beyond the preflight", "-", "-"))
@@ -368,9 +363,7 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
     # not decisive: 200 steps of a healthy run may well hold one.
     alerts, detector_claims = judge(experiment, pre, rows)
     save_check(run_dir, alerts, detector_claims)
-    for c in detector_claims:
-        if c.verdict == "fail" and c.name not in ANSWERED_BY_PREFLIGHT:
-            fails.append(f"detector {c.name}: {c.value}")
+    fails += detector_fails(detector_claims)
 
     # a goal that will be missed is the reason a person needs first: the run may be healthy otherwise
     fails, warns = goal_fails + fails, goal_warns + warns
@@ -385,6 +378,27 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
     (run_dir / "preflight.json").write_text(json.dumps(details, indent=1, default=str), encoding="utf-8")
     write_report(run_dir, claims_for(run_dir))
     return PreflightResult(verdict, claims, reasons, run_dir, details, detector_claims)
+
+
+def projection_claim(pts: list[tuple[int, float]], planned_steps: int, lower_bound: float | None, source: str,
+                     value_note: str = "", evidence_note: str = "") -> tuple[Claim, dict]:
+    """The loss projected to `planned_steps` from (step, loss) points, as a claim labelled a
+    projection, and its figures for preflight.json."""
+    proj = stats.project([p[0] for p in pts], [p[1] for p in pts], planned_steps, lower_bound=lower_bound)
+    best = max(proj.families, key=lambda k: proj.families[k][3])
+    claim = Claim("projection (not a measurement)", "info",
+                  f"loss at step {planned_steps}: {format_number(proj.value)} [{format_number(proj.interval[0])}, "
+                  f"{format_number(proj.interval[1])}] (90 % bootstrap interval){value_note}",
+                  f"AIC-weighted ensemble of power/exp/log fits, heaviest {best}; extrapolates "
+                  f"{format_number(proj.extrapolation_ratio, 3)}x beyond the last measured step{evidence_note}", source)
+    return claim, {"value": proj.value, "interval": list(proj.interval)}
+
+
+def detector_fails(detector_claims: list[Claim]) -> list[str]:
+    """The reasons the detectors' verdicts fail a preflight: a critical alert, unless one of
+    preflight's own claims answers the same question over the whole run (ANSWERED_BY_PREFLIGHT)."""
+    return [f"detector {c.name}: {c.value}" for c in detector_claims
+            if c.verdict == "fail" and c.name not in ANSWERED_BY_PREFLIGHT]
 
 
 def verdict_of(fails: list[str], warns: list[str], ready_reason) -> tuple[str, list[str]]:
