@@ -2,13 +2,16 @@
 
 An experiment is one package that the engine knows nothing special about.  It supplies:
 
-- `model_config`, `data_config`: dataclasses for its `model.*` and `data.*` sections;
+- `model_config`, `data_config`: dataclasses for its `model.*` and `data.*` sections (and
+  `loss_config` for a `loss.*` section, where its losses have options);
 - `presets`: named overrides as plain data, always with a seconds-long `smoke`;
 - `build_model(cfg)`; `build_data(cfg, device)` -> a DataStream whose batch at (step, micro) is a
   pure function of (seed, step, micro, curriculum value) -- this is what makes resume exact;
 - `loss(model, batch, ctx)` -> (loss, metrics), metrics as 0-d device tensors (no host sync);
 - `baseline_loss(cfg)`: the loss of an honest random guess (ln 2 per bit, ln V per token);
-- `evaluate(model, data, cfg, level)` -> held-out metrics as 0-d device tensors (optional).
+- `evaluate(model, data, cfg, level)` -> held-out metrics as 0-d device tensors (optional);
+- `extra_updates(cfg)` -> a second (third...) optimizer over part of the model, stepped on its own
+  schedule with its own loss: a GAN's critic, say (optional; see ExtraUpdate).
 
 Nothing in engine/ changes for a new experiment, nor anything here: it is named by a reference to
 the user's own file or module (`path/to/file.py:NAME`, `package.module:NAME`), registered by an
@@ -29,7 +32,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -55,6 +58,34 @@ class StepContext:
     weights: dict[str, float]  # loss weights from the schedule, by loss name
 
 
+@dataclass
+class ExtraUpdate:
+    """A second optimizer over some of the model's parameters, with a loss and a schedule of its own
+    (the StegaStamp experiment's WGAN critic: RMSProp at lr 1e-5, stepped after each encoder/decoder
+    step, its weights clipped after each of its steps).
+
+    The engine takes `parameters(model)` out of the main optimizer (and out of its gradient clipping),
+    builds `optimizer(params)` once, and after the main update of every step s with s >= start and
+    (s - start) % every == 0 runs `loss(model, batch, ctx)` on the same micro-batches the main step
+    used (drawn again: a batch is a pure function of (seed, step, micro)), backward, its optimizer's
+    step and `after_step(model)` (under no_grad).  Its optimizer state (and fp16 grad scaler) rides in
+    every checkpoint, so a resume is exact.  The metrics its loss returns are logged as the step's
+    train metrics (list them in train_metrics), averaged over the steps it ran; the main loss's
+    gradient reaching these parameters is discarded (they are not its to move)."""
+
+    name: str  # a key in the checkpoint, and in messages ("critic")
+    parameters: Callable[[nn.Module], Iterable[nn.Parameter]]
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    loss: Callable[[nn.Module, Any, "StepContext"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    every: int = 1
+    start: int = 0
+    after_step: Callable[[nn.Module], None] | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether it runs after the main update of the 0-based optimizer step `step`."""
+        return step >= self.start and (step - self.start) % self.every == 0
+
+
 class DataStream(Protocol):
     def batch(self, step: int, micro: int, level: float | None) -> Any: ...
 
@@ -70,6 +101,9 @@ class Experiment(abc.ABC):
     description: str = ""
     model_config: type = object
     data_config: type = object
+    # A dataclass for a `loss.*` section, for an experiment whose losses have options of their own
+    # (StegaStamp: the perceptual term, the YUV weights); None: no such section.
+    loss_config: type | None = None
     presets: dict[str, Preset] = {}
     default_preset: str = "smoke"
     # Names of the 0-d tensors `loss()` returns (besides the loss) and `evaluate()` returns.
@@ -112,6 +146,9 @@ class Experiment(abc.ABC):
         if cfg.ckpt.best_metric and cfg.ckpt.best_metric not in logged:
             raise ConfigError("ckpt.best_metric", f"must be a logged metric of {self.name}: "
                               f"{', '.join(logged)} (or empty); got {cfg.ckpt.best_metric!r}")
+        if cfg.health.loss_metric not in logged:
+            raise ConfigError("health.loss_metric", f"must be a logged loss of {self.name}: "
+                              f"{', '.join(logged)}; got {cfg.health.loss_metric!r}")
         from trainlab.health.goals import parse_target  # standard library only; the syntax is checked already
 
         for i, text in enumerate(cfg.health.targets):
@@ -141,6 +178,11 @@ class Experiment(abc.ABC):
         under no_grad and eval mode.  Tensors with more than one element (maps, histograms) are
         written to eval_arrays.jsonl instead of metrics.csv."""
         return {}
+
+    def extra_updates(self, cfg: Any) -> list[ExtraUpdate]:
+        """Optimizers besides the main one, each over its own parameters on its own schedule
+        (ExtraUpdate).  None by default."""
+        return []
 
     def samples(self, model: nn.Module, data: DataStream, cfg: Any, step: int) -> dict[str, Any]:
         """What the model produces at an evaluation, for people to read (generated text, say):

@@ -101,20 +101,29 @@ class _Interval:
     """Metric sums since the last log row, kept on the device."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    # steps each sum holds: every step's for the main loss and its metrics, fewer for the metrics of
+    # an ExtraUpdate that runs every few steps (its mean is over the steps it ran)
+    counts: dict[str, int] = field(default_factory=dict)
     grad_norm_max: torch.Tensor | None = None
     steps: int = 0
 
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
         self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sums[name] / max(self.counts.get(name, self.steps), 1)
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps,
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps, "counts": dict(self.counts),
                 "grad_norm_max": None if self.grad_norm_max is None else self.grad_norm_max.cpu()}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
         self.steps = int(state["steps"])
+        # checkpoints from before the counts were kept: every sum held every step
+        self.counts = {k: int(state.get("counts", {}).get(k, self.steps)) for k in self.sums}
         gmax = state.get("grad_norm_max")
         self.grad_norm_max = None if gmax is None else gmax.to(device)
 
@@ -204,12 +213,35 @@ class Trainer:
         attach = getattr(self.data, "attach", None)
         if callable(attach):  # a data stream may report events (a restarted producer, say)
             attach(self.events.write)
-        self.optimizer = build_optimizer(cfg.optim, self.model, device)
+        self._setup_extra_updates()
+        self.optimizer = build_optimizer(cfg.optim, self.model, device, exclude=self.extra_params)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.curriculum = Curriculum(cfg.curriculum, device)
         self.guard = MemoryGuard(cfg.memory, device)
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.ckpt.keep, self.events.write)
         self.attempt = 1 + sum(e.get("kind") in ("start", "resume") for e in read_events(self.events.path))
+
+    def _setup_extra_updates(self) -> None:
+        """The experiment's ExtraUpdates (a GAN's critic, say): each one's optimizer over its own
+        parameters, and an fp16 grad scaler of its own (its loss has its own scale)."""
+        self.extra_updates = list(self.exp.extra_updates(self.cfg))
+        self.extra_optimizers: dict[str, tuple[torch.optim.Optimizer, torch.amp.GradScaler]] = {}
+        owned: set[int] = set()
+        for extra in self.extra_updates:
+            if extra.name in self.extra_optimizers:
+                raise TypeError(f"{self.exp.name}: two extra updates are named {extra.name!r}")
+            if extra.every < 1 or extra.start < 0:
+                raise TypeError(f"{self.exp.name}: extra update {extra.name!r} needs every >= 1 and start >= 0, "
+                                f"got every={extra.every}, start={extra.start}")
+            params = [p for p in extra.parameters(self.model) if p.requires_grad]
+            shared = [p for p in params if id(p) in owned]
+            if not params or shared:
+                raise TypeError(f"{self.exp.name}: extra update {extra.name!r} "
+                                + ("shares parameters with another one" if shared else "has no trainable parameters"))
+            owned.update(id(p) for p in params)
+            scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+            self.extra_optimizers[extra.name] = (extra.optimizer(params), scaler)
+        self.extra_params = frozenset(owned)
 
     def _fire(self, event: str, *args) -> None:
         for hook in self._hooks[event]:
@@ -285,6 +317,14 @@ class Trainer:
         self.rollbacks = int(state.get("rollbacks", 0))
         self.micro_split = int(state.get("micro_split", 1))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        saved_extras = state.get("extra_updates", {})
+        for name, (optimizer, scaler) in self.extra_optimizers.items():
+            if name not in saved_extras:  # an update added since that checkpoint starts fresh; say so
+                self.events.write({"kind": "extra_update_not_in_checkpoint", "name": name, "step": self.step})
+                continue
+            optimizer.load_state_dict(saved_extras[name]["optimizer"])
+            if scaler.is_enabled() and saved_extras[name].get("scaler"):
+                scaler.load_state_dict(saved_extras[name]["scaler"])
         saved = state.get("callbacks", {})
         for cb in self.callbacks:
             if cb.key in saved:
@@ -353,6 +393,9 @@ class Trainer:
             "micro_split": self.micro_split,
             "skipped_steps": self.skipped_steps,
             "callbacks": {cb.key: state for cb in self.callbacks if (state := cb.state_dict())},
+            "extra_updates": {name: {"optimizer": optimizer.state_dict(),
+                                     "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+                              for name, (optimizer, scaler) in self.extra_optimizers.items()},
         }
 
     def _is_best(self) -> bool:
@@ -426,9 +469,20 @@ class Trainer:
             # the scale shrinks exactly when the step was skipped for inf/nan gradients
             applied = (self.scaler._scale >= scale_before).squeeze()
             self.amp_skipped += (~applied).float()
-        self.optimizer.zero_grad(set_to_none=True)
+        # the model's, not only the optimizer's: the main loss also reached the extra updates' parameters
+        self.model.zero_grad(set_to_none=True)
         self.last_step_loss = step_loss
         self._fire("on_after_update")
+        for extra in self.extra_updates:
+            if extra.due(self.step):
+                while True:
+                    try:
+                        extra_metrics = self._extra_update(extra, ctx)
+                        break
+                    except torch.OutOfMemoryError:
+                        self._on_out_of_memory()
+                for k, v in extra_metrics.items():
+                    self.interval.add(k, v)
 
         self.interval.add("loss", step_loss)
         self.last_lr = lr
@@ -469,10 +523,33 @@ class Trainer:
                     step_metrics[k] = part if k not in step_metrics else step_metrics[k] + part
         return step_loss, step_metrics
 
+    def _extra_update(self, extra, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One step of an ExtraUpdate's optimizer, on the micro-batches of the main step just taken."""
+        optimizer, scaler = self.extra_optimizers[extra.name]
+        accum = self.cfg.train.accum
+        metrics_sum: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = self.data.batch(self.step, micro, ctx.level)
+            for piece, share in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
+                weight = share / accum
+                with autocast_context(self.precision, self.device):
+                    loss, metrics = extra.loss(self.step_model, piece, ctx)
+                scaler.scale(loss * weight).backward()
+                for k, v in metrics.items():
+                    part = v.detach().float() * weight
+                    metrics_sum[k] = part if k not in metrics_sum else metrics_sum[k] + part
+        scaler.step(optimizer)
+        scaler.update()
+        if extra.after_step is not None:
+            with torch.no_grad():
+                extra.after_step(self.model)
+        self.model.zero_grad(set_to_none=True)  # its loss reached the main parameters too
+        return metrics_sum
+
     def _on_out_of_memory(self) -> None:
         """Halve the micro-batch (split each one in two more parts), keep the step and the effective
         batch, and retry; refuse to go below one sample per micro-batch."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         empty_device_cache(self.device)
         micro_batch = self.cfg.train.micro_batch
         if micro_batch // (self.micro_split * 2) < 1:
@@ -529,9 +606,8 @@ class Trainer:
 
     def _log_row(self, eval_metrics: dict[str, torch.Tensor], elapsed: float, dt: float, steps_in_dt: int) -> dict:
         """Build the row: the one host sync of this log interval."""
-        n = max(self.interval.steps, 1)
         names = list(self.interval.sums)
-        tensors = [self.interval.sums[k] / n for k in names]
+        tensors = [self.interval.mean(k) for k in names]
         if self.interval.grad_norm_max is not None:
             names.append("grad_norm_max")
             tensors.append(self.interval.grad_norm_max)
@@ -626,7 +702,7 @@ class Trainer:
         ("" when it reached train.steps).  A stop raises."""
         cfg = self.cfg
         total = cfg.train.steps
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in self.extra_params]
         self._t0 = self._last_log_t = time.monotonic()
         self._last_log_step = self._loop_start_step = self.step
         while self.step < total or self._rollback_request is not None:

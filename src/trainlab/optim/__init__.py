@@ -13,10 +13,12 @@ from trainlab.optim.galore import GaLoreAdamW, GaLoreLion, optimizer_state_bytes
 from trainlab.optim.lion import Lion
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset[int] = frozenset()) -> list[dict]:
+    """The model's trainable parameters in a decayed and an undecayed group; parameters whose id()
+    is in `exclude` belong to another optimizer (an Experiment's ExtraUpdate) and are left out."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in exclude:
             (decay if p.dim() >= 2 else no_decay).append(p)
     # "decays" marks the group whose weight decay the schedule may switch off (two-stage recipe)
     groups = [{"params": decay, "weight_decay": weight_decay, "decays": True}]
@@ -32,8 +34,9 @@ def width_lr_factor(cfg: OptimConfig, width: int | None) -> float:
     return math.sqrt(cfg.lr_scale_base / width)
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device,
+                    exclude: frozenset[int] = frozenset()) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, exclude)
     dtype = torch.bfloat16 if cfg.momentum_dtype == "bf16" else None
     if cfg.galore_rank > 0:
         # GaLore projects only the 2-D weights wider than the rank; the rest of each group
