@@ -223,6 +223,9 @@ class HealthConfig:
     overfitting: Literal["off", "warn", "stop"] = knob(
         "warn", "memorising, not generalising: the training metric high while the validation metric stays far below "
                 "it, or the validation loss rising while the training loss does not (stop: early stopping)")
+    loss_metric: str = knob("loss", "the logged loss the divergence, spike, plateau, stuck and overfitting detectors and "
+                        "preflight's learning signal judge, against the experiment's random-guess baseline; an experiment "
+                        "whose optimised loss adds penalties that ramp in names its task loss (StegaStamp: secret_loss)")
     window: int = knob(20, "rows (log steps) the trend and spike statistics look back over", ge=5)
     alpha: float = knob(0.01, "significance level of the trend and baseline tests", gt=0, lt=0.5)
     warmup_fraction: float = knob(0.1, "fraction of train.steps before stuck/plateau/divergence may fire", ge=0, lt=1)
@@ -307,6 +310,10 @@ class RunConfig:
                            "kwargs: {...}}; each a subclass of trainlab.Callback, run after trainlab's own")
     model: Any = knob(None, "the experiment's model section")
     data: Any = knob(None, "the experiment's data section")
+    # Only experiments whose losses have options of their own have one (Experiment.loss_config), so the
+    # configs of the others stay as they were.
+    loss: Any = field(default=None, metadata={"help": "the experiment's loss section, where it has one",
+                                              "omit_empty": True})
 
 
 SHARED_SECTIONS = ("train", "optim", "schedule", "log", "eval", "ckpt", "curriculum", "memory", "health")
@@ -589,6 +596,8 @@ def resolve(experiment: Any, preset: str, file_data: dict | None = None,
         raise UsageError(f"unknown preset '{preset}' for experiment {experiment.name}; "
                          f"allowed: {', '.join(experiment.presets)}")
     root_types = {"model": experiment.model_config, "data": experiment.data_config}
+    if getattr(experiment, "loss_config", None) is not None:
+        root_types["loss"] = experiment.loss_config
     data = merge(default_data(experiment, preset), experiment.presets[preset].overrides)
     if file_data:
         data = merge(data, {k: v for k, v in file_data.items() if k not in ("experiment", "experiment_ref", "preset")})
@@ -609,8 +618,10 @@ def default_data(experiment: Any, preset: str = "") -> dict:
     """Every key of a run of `experiment` at its dataclass default, as plain data."""
     from trainlab.experiment import reference_of  # loaded already: `experiment` is one of its classes
 
+    loss_config = getattr(experiment, "loss_config", None)
     return to_dict(RunConfig(experiment=experiment.name, experiment_ref=reference_of(experiment), preset=preset,
-                             model=experiment.model_config(), data=experiment.data_config()))
+                             model=experiment.model_config(), data=experiment.data_config(),
+                             loss=loss_config() if loss_config is not None else None))
 
 
 def build_saved(experiment: Any, data: dict) -> RunConfig:
@@ -634,6 +645,16 @@ def build(experiment: Any, data: dict) -> RunConfig:
                 raise ConfigError(f.name, f"expected a mapping, got {_show(value)}")
             section_cls = experiment.model_config if f.name == "model" else experiment.data_config
             kwargs[f.name] = from_dict(section_cls, value, f.name)
+        elif f.name == "loss":
+            loss_config = getattr(experiment, "loss_config", None)
+            if loss_config is None:
+                if value is not None:
+                    raise ConfigError("loss", f"experiment {experiment.name} has no loss section (its loss options, "
+                                              "if any, are under model.*)")
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError("loss", f"expected a mapping, got {_show(value)}")
+            kwargs["loss"] = from_dict(loss_config, value, "loss")
         elif value is None:
             raise ConfigError(f.name, "missing")
         else:
@@ -723,6 +744,8 @@ def render_reference(experiments: dict) -> str:
                   "| key | type | default | meaning |", "|---|---|---|---|"]
         lines += reference_rows(exp.model_config, "model")
         lines += reference_rows(exp.data_config, "data")
+        if getattr(exp, "loss_config", None) is not None:
+            lines += reference_rows(exp.loss_config, "loss")
         lines += ["", "Presets:", ""]
         lines += [f"- `{name}`: {p.description}" for name, p in exp.presets.items()]
     return "\n".join(lines) + "\n"

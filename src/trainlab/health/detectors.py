@@ -97,7 +97,7 @@ class LossWindowDetector(Detector):
         self.min_rows = min(self.losses.maxlen, max(8, self.losses.maxlen // 2))
 
     def window(self, step: int, row: dict) -> list[float] | None:
-        loss = _num(row, "loss")
+        loss = _num(row, self.cfg.loss_metric)
         if loss is None or not math.isfinite(loss):
             return None
         self.losses.append(loss)
@@ -157,7 +157,7 @@ class Divergence(LossWindowDetector):
 
     def update(self, step, row):
         window = self.window(step, row)  # keeps the last `window` finite losses
-        loss = _num(row, "loss")
+        loss = _num(row, self.cfg.loss_metric)
         if loss is None or not math.isfinite(loss):
             return []
         if loss < self.best:
@@ -238,7 +238,7 @@ class Spike(Detector):
         self.history: deque[float] = deque(maxlen=self.cfg.window)
 
     def update(self, step, row):
-        loss = _num(row, "loss")
+        loss = _num(row, self.cfg.loss_metric)
         if loss is None or not math.isfinite(loss):
             return []
         out = []
@@ -479,7 +479,7 @@ class Overfitting(Detector):
         """(validation loss still going up: Sen slope > 0, the loss rule holds, the trend test, the
         relative rise); the test is None until OVERFIT_MIN_VAL_ROWS validation losses are there."""
         cfg = self.cfg
-        val_loss, loss = _num(row, cfg.overfit_val_loss) if cfg.overfit_val_loss else None, _num(row, "loss")
+        val_loss, loss = _num(row, cfg.overfit_val_loss) if cfg.overfit_val_loss else None, _num(row, cfg.loss_metric)
         if val_loss is None or loss is None or not (math.isfinite(val_loss) and math.isfinite(loss)):
             return False, False, None, None
         self.val_losses.append(val_loss)

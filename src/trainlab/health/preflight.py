@@ -149,17 +149,19 @@ def preflight_config(cfg: RunConfig, steps: int, eval_every: int = 0) -> RunConf
     return pre
 
 
-def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> tuple[Claim, str, dict]:
+def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05,
+                    metric: str = "loss") -> tuple[Claim, str, dict]:
     """Is the loss falling, or at least below a random guess?  Outcome: learning, flat below
     baseline, diverging, not learning, too noisy, or unknown (too few rows).  Non-finite losses are
     left out here (the numerics claim reports them): the statistics need finite numbers, and a run
-    that blew up must still get its verdict, not a traceback."""
-    points = [(r["step"], float(r["loss"])) for r in rows
-              if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    that blew up must still get its verdict, not a traceback.  `metric`: the loss column judged
+    (health.loss_metric)."""
+    points = [(r["step"], float(r[metric])) for r in rows
+              if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     skip = int(len(points) * WARMUP_FRACTION)
     series = [loss for _, loss in points[skip:]]
     if len(series) < 10:
-        return (Claim("learning signal", "not measured", f"{len(series)} finite loss rows after warm-up",
+        return (Claim("learning signal", "not measured", f"{len(series)} finite {metric} rows after warm-up",
                       "needs at least 10 logged rows; run more steps", "metrics.csv"), "unknown", {})
     trend = stats.mann_kendall(series, alpha=alpha)
     half = series[len(series) // 2:]
@@ -176,14 +178,14 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> t
                "mean": level.mean, "mean_ci": list(level.ci), "baseline": baseline,
                "first_quarter_mean": first_q, "last_quarter_mean": last_q}
     if trend.trend == "increasing" and last_q > first_q:
-        return Claim("learning signal", "fail", f"diverging: loss {format_number(first_q)} -> {format_number(last_q)}", evidence, where), \
+        return Claim("learning signal", "fail", f"diverging: {metric} {format_number(first_q)} -> {format_number(last_q)}", evidence, where), \
             "diverging", details
     if trend.trend == "decreasing":
         note = "below the baseline" if level.below else ("at the baseline" if level.indistinguishable else "above the baseline")
-        return Claim("learning signal", "pass", f"learning: loss {format_number(first_q)} -> {format_number(last_q)}, {note}",
+        return Claim("learning signal", "pass", f"learning: {metric} {format_number(first_q)} -> {format_number(last_q)}, {note}",
                      evidence, where), "learning", details
     if level.below:
-        return Claim("learning signal", "pass", f"flat below the baseline: loss {format_number(level.mean)} < {format_number(baseline)}",
+        return Claim("learning signal", "pass", f"flat below the baseline: {metric} {format_number(level.mean)} < {format_number(baseline)}",
                      evidence, where), "flat below baseline", details
     more = stats.steps_to_resolve(trend, len(series), alpha=alpha)
     step_per_row = (last_step - first_step) / max(len(series) - 1, 1)
@@ -192,7 +194,7 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05) -> t
     if not level.below and (trend.sen_slope >= 0 or level.above):
         # no significant fall, and no better than a random guess: nothing is being learned
         where_level = "at" if level.indistinguishable else "above"
-        return Claim("learning signal", "fail", f"not learning: loss {format_number(level.mean)} {where_level} the baseline "
+        return Claim("learning signal", "fail", f"not learning: {metric} {format_number(level.mean)} {where_level} the baseline "
                      f"{format_number(baseline)}, no significant trend{hint}", evidence, where), "not learning", details
     extra = f"about {int(more * step_per_row)} more steps would tell" if more else "no trend at all"
     return Claim("learning signal", "warn", f"too noisy to tell ({extra})", evidence, where), "too noisy", details
@@ -232,7 +234,7 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         fails.append(reason)
 
     # ---- 1. learning signal -------------------------------------------------------------------
-    claim, outcome, learn = _learning_claim(rows, baseline)
+    claim, outcome, learn = _learning_claim(rows, baseline, metric=cfg.health.loss_metric)
     claims.append(claim)
     learn["outcome"] = outcome
     if claim.verdict == "fail":  # diverging, not learning
@@ -336,7 +338,8 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
     claims.append(_resume_claim(experiment, pre, device, run_dir, probe, fails))
 
     # ---- 7. projection ---------------------------------------------------------------------------
-    pts = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+    task_loss = cfg.health.loss_metric
+    pts = [(r["step"], r[task_loss]) for r in rows if isinstance(r.get(task_loss), float) and math.isfinite(r[task_loss])]
     if len(pts) >= 10 and planned_steps > done_steps:
         # no projection may count on the parts at chance: their loss is added to the floor
         floor = experiment.loss_lower_bound
@@ -346,7 +349,7 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         floor_note = (f"; floor {format_number(floor)} = the loss's lower bound {format_number(experiment.loss_lower_bound)}"
                       f" + {format_number(raised)}, as {parts.why_capped()}" if raised else "")
         claim, learn["projection"] = projection_claim(
-            pts, planned_steps, floor, "metrics.csv loss",
+            pts, planned_steps, floor, f"metrics.csv {task_loss}", metric=task_loss,
             value_note=f", floor {format_number(floor)} (parts at chance)" if raised else "", evidence_note=floor_note)
         learn["projection"]["lower_bound"] = floor
         claims.append(claim)
@@ -381,13 +384,13 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
 
 
 def projection_claim(pts: list[tuple[int, float]], planned_steps: int, lower_bound: float | None, source: str,
-                     value_note: str = "", evidence_note: str = "") -> tuple[Claim, dict]:
+                     value_note: str = "", evidence_note: str = "", metric: str = "loss") -> tuple[Claim, dict]:
     """The loss projected to `planned_steps` from (step, loss) points, as a claim labelled a
     projection, and its figures for preflight.json."""
     proj = stats.project([p[0] for p in pts], [p[1] for p in pts], planned_steps, lower_bound=lower_bound)
     best = max(proj.families, key=lambda k: proj.families[k][3])
     claim = Claim("projection (not a measurement)", "info",
-                  f"loss at step {planned_steps}: {format_number(proj.value)} [{format_number(proj.interval[0])}, "
+                  f"{metric} at step {planned_steps}: {format_number(proj.value)} [{format_number(proj.interval[0])}, "
                   f"{format_number(proj.interval[1])}] (90 % bootstrap interval){value_note}",
                   f"AIC-weighted ensemble of power/exp/log fits, heaviest {best}; extrapolates "
                   f"{format_number(proj.extrapolation_ratio, 3)}x beyond the last measured step{evidence_note}", source)
