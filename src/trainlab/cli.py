@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="the runs under a root with their status")
     runs.add_argument("root", nargs="?", default="runs", help="where to look for run directories (default: runs)")
 
+    use = sub.add_parser("use", help="do what an experiment offers with a trained run (StegaStamp: hide and "
+                                     "reveal text in images); `trainlab use RUN_DIR` lists its commands")
+    use.add_argument("run_dir", type=Path, help="a trained run's directory")
+    use.add_argument("name", nargs="?", help="the command (omit to list them)")
+    use.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments (its --help lists them)")
     show = sub.add_parser("config", help="print the resolved config of a target as YAML")
     _add_target_options(show)
     return parser
@@ -195,6 +200,24 @@ def cmd_list(args) -> int:
             mark = " (default)" if name == exp.default_preset else ""
             print(f"  {exp.name} --preset {name}{mark}: {preset.description}")
     return 0
+
+
+def cmd_use(args) -> int:
+    from trainlab.health.check import load_run
+
+    experiment, cfg, _ = load_run(args.run_dir)
+    commands = experiment.commands()
+    offered = ", ".join(commands) or "none"
+    if args.name is None:
+        if not commands:
+            print(f"{args.run_dir} is a {experiment.name} run; {experiment.name} offers no commands")
+        for name, command in commands.items():
+            print(f"trainlab use {args.run_dir} {name}: {command.help}")
+        return 0
+    if args.name not in commands:
+        raise UsageError(f"{args.run_dir} is a {experiment.name} run; {experiment.name} has no command "
+                         f"{args.name!r} (its commands: {offered})")
+    return commands[args.name].run(args.run_dir, cfg, list(args.args))
 
 
 def cmd_config(args) -> int:
@@ -430,7 +453,7 @@ def cmd_sweep(args) -> int:
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "runs": cmd_runs, "config": cmd_config,
             "preflight": cmd_preflight, "check": cmd_check, "watch": cmd_watch, "report": cmd_report,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "use": cmd_use}
 
 
 def _split_child_command(argv: list[str]) -> tuple[list[str], list[str] | None]:

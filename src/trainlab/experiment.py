@@ -86,6 +86,17 @@ class ExtraUpdate:
         return step >= self.start and (step - self.start) % self.every == 0
 
 
+@dataclass
+class RunCommand:
+    """Something a user does with a trained run of an experiment, as `trainlab use RUN_DIR NAME ARGS...`
+    (the StegaStamp experiment's `hide` and `reveal`).  `run(run_dir, cfg, args)` gets the run's
+    directory, its config and the arguments after NAME, parses them itself, and returns the exit
+    code; bad input raises UsageError (one line, exit 2)."""
+
+    help: str
+    run: Callable[[Path, Any, list[str]], int]
+
+
 class DataStream(Protocol):
     def batch(self, step: int, micro: int, level: float | None) -> Any: ...
 
@@ -184,6 +195,11 @@ class Experiment(abc.ABC):
         (ExtraUpdate).  None by default."""
         return []
 
+    def commands(self) -> dict[str, RunCommand]:
+        """What `trainlab use RUN_DIR NAME ...` can do with a trained run of this experiment, by NAME.
+        None by default."""
+        return {}
+
     def samples(self, model: nn.Module, data: DataStream, cfg: Any, step: int) -> dict[str, Any]:
         """What the model produces at an evaluation, for people to read (generated text, say):
         JSON-able values, written to samples.jsonl with the step.  Runs under no_grad and eval mode;
@@ -201,7 +217,8 @@ class Experiment(abc.ABC):
 
 # Built-in experiments, each a module exposing EXPERIMENT.  Import is lazy so `trainlab list` and
 # config errors stay fast and one broken experiment cannot break the others' commands.
-_BUILTIN = ("trainlab.experiments.modadd", "trainlab.experiments.sha256", "trainlab.experiments.bitnet_lm")
+_BUILTIN = ("trainlab.experiments.modadd", "trainlab.experiments.sha256", "trainlab.experiments.bitnet_lm",
+            "trainlab.experiments.stegastamp")
 
 # Installed packages register experiments under this entry-point group, each entry point naming an
 # Experiment instance or subclass:  [project.entry-points."trainlab.experiments"]  my_exp = "pkg.mod:EXPERIMENT"

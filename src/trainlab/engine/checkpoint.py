@@ -268,3 +268,26 @@ def check_shapes(weights_file: Path, model: nn.Module) -> None:
     if mismatched:
         shown = "; ".join(mismatched[:4]) + (f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else "")
         raise UsageError(f"checkpoint {weights_file.parent} does not fit this model: {shown}")
+
+
+def load_trained_model(run_dir: Path, experiment, cfg, device: torch.device, which: str = "latest"):
+    """(model in eval mode, checkpoint) of a run directory's newest whole checkpoint, or its best
+    (`which` = "best", ckpt.best_metric); UsageError of one line when the run has none."""
+    store = CheckpointStore(run_dir / "checkpoints", keep=1 << 30)
+    if which == "best":
+        name = store.best_name()
+        if name is None:
+            raise UsageError(f"run directory {run_dir}: no best checkpoint (ckpt.best_metric was not set); "
+                             "use the latest")
+        path = store.root / name
+        problem = store.verify(path)
+        if problem:
+            raise UsageError(f"run directory {run_dir}: its best checkpoint {name} is broken: {problem}")
+        ckpt = Checkpoint(path=path, step=int(name[5:]), manifest={})
+    else:
+        ckpt = store.latest_valid()
+        if ckpt is None:
+            raise UsageError(f"run directory {run_dir}: no whole checkpoint in {store.root} (trained yet?)")
+    model = experiment.build_model(cfg).to(device)
+    store.load(ckpt, model, device)
+    return model.eval(), ckpt
