@@ -135,7 +135,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, experiment: Experiment, run_dir: Path, device: torch.device,
                  callbacks: list[Callback] | None = None, max_seconds: float | None = None,
-                 stop_at: int | None = None):
+                 stop_at: int | None = None, schedule_steps: int | None = None):
         self.cfg = cfg
         self.exp = experiment
         self.run_dir = run_dir
@@ -154,6 +154,10 @@ class Trainer:
                        for event in EVENTS}
         self.max_seconds = max_seconds  # a time budget: the run ends early, as if at its last step
         self.stop_at = stop_at  # end after this step, schedules unchanged (train.steps still sets them)
+        # the length the LR, weight-decay and loss-weight schedules are laid out over: train.steps, or
+        # the planned run's length when this is its first part (preflight: a schedule in fractions of
+        # the run must not be squeezed into the preflight's few steps)
+        self.schedule_steps = schedule_steps or cfg.train.steps
         self.pending_events: list[dict] = []  # events decided before the log opened (config changes)
         # ---- the run's state: what a checkpoint saves and a resume restores (see _state/_restore)
         self.step = 0
@@ -430,16 +434,16 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def _train_step(self, params: list[torch.nn.Parameter]) -> None:
         cfg = self.cfg
-        total = cfg.train.steps
-        lr = self.base_lr * self.lr_scale * schedules.lr_multiplier(cfg.schedule, self.step, total)
-        weight_decay = cfg.optim.weight_decay * schedules.weight_decay_multiplier(cfg.schedule, self.step, total)
+        lr = self.base_lr * self.lr_scale * schedules.lr_multiplier(cfg.schedule, self.step, self.schedule_steps)
+        weight_decay = cfg.optim.weight_decay * schedules.weight_decay_multiplier(cfg.schedule, self.step,
+                                                                                self.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group.get("decays"):
                 group["weight_decay"] = weight_decay
         self.last_weight_decay = weight_decay
         ctx = StepContext(step=self.step, level=self.curriculum.level,
-                          weights=schedules.loss_weights(cfg.schedule, self.step, total))
+                          weights=schedules.loss_weights(cfg.schedule, self.step, self.schedule_steps))
         while True:
             try:
                 step_loss, step_metrics = self._forward_backward(ctx)
@@ -629,7 +633,7 @@ class Trainer:
                 row["grad_norm_max"] = None
         row.update(step=self.step, attempt=self.attempt, elapsed_s=round(elapsed, 3), lr=self.last_lr,
                    skipped_steps=self.skipped_steps, weight_decay=self.last_weight_decay)
-        for name, w in schedules.loss_weights(self.cfg.schedule, max(self.step - 1, 0), self.cfg.train.steps).items():
+        for name, w in schedules.loss_weights(self.cfg.schedule, max(self.step - 1, 0), self.schedule_steps).items():
             row[f"w_{name}"] = w
         if self.curriculum.enabled:
             row[self.cfg.curriculum.name] = self.curriculum.level

@@ -216,8 +216,9 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
 
     # ---- the run -------------------------------------------------------------------------
     probe = GradientProbe(max(1, steps // 20))
+    # the schedules are the planned run's (its first `steps` steps), not squeezed into the preflight
     trainer = Trainer(pre, experiment, run_dir, device, callbacks=[probe, *run_watchers(pre, experiment, run_dir)],
-                      max_seconds=max_seconds)
+                      max_seconds=max_seconds, schedule_steps=planned_steps)
     stopped = None
     t0 = time.monotonic()
     try:
@@ -335,7 +336,7 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         claims.append(Claim("speed", "not measured", "no throughput rows", "-", "-"))
 
     # ---- 6. resume -------------------------------------------------------------------------------
-    claims.append(_resume_claim(experiment, pre, device, run_dir, probe, fails))
+    claims.append(_resume_claim(experiment, pre, device, run_dir, probe, fails, planned_steps))
 
     # ---- 7. projection ---------------------------------------------------------------------------
     task_loss = cfg.health.loss_metric
@@ -505,7 +506,7 @@ def _host_memory_claim(peak_gb: float, memory, machine_total_gb: float, micro_ba
 
 
 def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, run_dir: Path,
-                  probe: GradientProbe, fails: list[str]) -> Claim:
+                  probe: GradientProbe, fails: list[str], schedule_steps: int) -> Claim:
     """Reload the half-way checkpoint in a fresh trainer and compare the next two steps' losses."""
     mid = pre.ckpt.every
     source = run_dir / "checkpoints" / step_dir_name(mid)
@@ -524,7 +525,7 @@ def _resume_claim(experiment: Experiment, pre: RunConfig, device: torch.device, 
     stopped = ""
     try:
         Trainer(again, experiment, check_dir, device, callbacks=[recorder, *run_watchers(again, experiment, check_dir)],
-                stop_at=mid + 2).fit()
+                stop_at=mid + 2, schedule_steps=schedule_steps).fit()
     except TrainingStopped as exc:
         # the reloaded run meets the same stop as the run when a policy fires at step mid + 2; the
         # stop comes after that step's loss is recorded, so the comparison still stands
