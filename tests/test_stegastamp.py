@@ -161,3 +161,14 @@ def test_sigkill_and_resume_is_exact_with_the_critic(tmp_path: Path):
     assert any(e["kind"] == "resume" for e in read_events(tmp_path / "killed" / "events.jsonl"))
     assert history(tmp_path / "killed") == history(tmp_path / "ref")
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "killed"))
+
+
+def test_preflight_does_not_count_the_critic_as_dead_layers(tmp_path: Path):
+    """The critic gets its gradients in its own step (an ExtraUpdate), not in the main one that
+    preflight's gradient probe watches; with its loss weight at 0 the main loss never reaches it, and
+    it must not read as 'layers without gradient'."""
+    out = trainlab("preflight", "stegastamp", "--preset", "smoke", "--steps", "20",
+                   "--set", "schedule.loss_weights={secret: [[0, 1.0]]}", "--run-dir", "pf", cwd=tmp_path)
+    assert out.returncode in (0, 1), out.stderr
+    claims = {c["name"]: c for c in json.loads((tmp_path / "pf" / "preflight.json").read_text())["claims"]}
+    assert claims["layers without gradient"]["verdict"] == "pass", claims["layers without gradient"]

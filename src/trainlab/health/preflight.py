@@ -98,7 +98,10 @@ class GradientProbe(StepLossRecorder):
 
     def on_before_update(self, trainer) -> None:
         if not self.names:  # the model exists once the trainer has set up
-            self.names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+            # the main optimizer's parameters: an ExtraUpdate's (a critic) get their gradients and their
+            # updates in its own step, after this one, and would read as dead layers here
+            self.names = {id(p): n for n, p in trainer.model.named_parameters()
+                          if p.requires_grad and id(p) not in trainer.extra_params}
             self.grad_seen = {n: 0 for n in self.names.values()}
             self.ratios = {n: [] for n in self.names.values()}
         if trainer.step % self.every:
