@@ -138,3 +138,30 @@ def job_result(jobs: dict, job, timeout: float = 600) -> tuple[Path, Any]:
     """(the job's directory, what it returned), waiting for it."""
     cwd, future = jobs[job]
     return cwd, future.result(timeout=timeout)
+
+
+def kill_then_resume(run_args: list[str], run_dir: Path, cwd: Path, kill_at: int, timeout: float = 120) -> None:
+    """Start `trainlab *run_args --run-dir run_dir`, SIGKILL it once metrics.csv has a row at or past
+    step `kill_at`, then rerun the same command to its end; asserts the kill landed and the rerun
+    resumed.  The caller compares the history and weights with an uninterrupted run."""
+    import signal
+    import time
+
+    from trainlab.engine.logs import read_events, read_rows
+
+    proc = spawn(*run_args, "--run-dir", str(run_dir), cwd=cwd)
+    metrics = run_dir / "metrics.csv"
+    killed = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = read_rows(metrics) if metrics.exists() else []
+        if rows and rows[-1]["step"] >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.communicate(timeout=60)
+    assert killed, "the run finished before the kill landed"
+    done = trainlab(*run_args, "--run-dir", str(run_dir), cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert any(e["kind"] == "resume" for e in read_events(run_dir / "events.jsonl"))

@@ -4,14 +4,12 @@ the steps it ran, and checkpoints its state so that a SIGKILL and a resume conti
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_same_weights, final_weights, history, spawn, trainlab
+from conftest import assert_same_weights, final_weights, history, kill_then_resume, trainlab
 from trainlab.engine.logs import read_events, read_rows
 
 PAIR = str(Path(__file__).parent / "data" / "experiments" / "critic_pair.py") + ":EXPERIMENT"
@@ -64,21 +62,7 @@ def reference(tmp_path_factory) -> Path:
 
 def test_sigkill_then_resume_is_exact_with_a_critic(reference: Path, tmp_path: Path):
     run_dir = tmp_path / "killed"
-    proc = spawn(*RUN, "--run-dir", str(run_dir), cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    killed = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        rows = read_rows(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
-        if rows and rows[-1]["step"] >= 25:  # past checkpoints 7..21, mid-interval of the next
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.002)
-    proc.communicate(timeout=60)
-    assert killed, "the run finished before the kill landed"
-    done = trainlab(*RUN, "--run-dir", str(run_dir), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert any(e["kind"] == "resume" for e in read_events(run_dir / "events.jsonl"))
+    kill_then_resume(RUN, run_dir, tmp_path, kill_at=25)  # past checkpoints 7..21, mid-interval of the next
     assert history(run_dir) == history(reference)
     assert_same_weights(final_weights(reference), final_weights(run_dir))
 

@@ -135,30 +135,13 @@ def test_bad_config_is_one_line(tmp_path: Path, sets, needle):
 def test_sigkill_and_resume_is_exact_with_the_critic(tmp_path: Path):
     """The critic's RMSProp state and the perturbations' draws survive a SIGKILL: the resumed run's
     history and weights are those of a run never stopped."""
-    import signal
-    import time
-
-    from conftest import assert_same_weights, final_weights, history, spawn
+    from conftest import assert_same_weights, final_weights, history, kill_then_resume
 
     run = ["run", "stegastamp", "--preset", "smoke", "--steps", "40", "--set", "ckpt.every=10",
            "--set", "eval.every=20"]
     trainlab(*run, "--run-dir", "ref", cwd=tmp_path, check=True)
-    proc = spawn(*run, "--run-dir", str(tmp_path / "killed"), cwd=tmp_path)
-    metrics = tmp_path / "killed" / "metrics.csv"
-    killed = False
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        rows = read_rows(metrics) if metrics.exists() else []
-        if rows and rows[-1]["step"] >= 25:  # past the checkpoints at 10 and 20 (the critic trains from 10)
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.002)
-    proc.communicate(timeout=60)
-    assert killed, "the run finished before the kill landed"
-    done = trainlab(*run, "--run-dir", "killed", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert any(e["kind"] == "resume" for e in read_events(tmp_path / "killed" / "events.jsonl"))
+    # past the checkpoints at 10 and 20 (the critic trains from 10)
+    kill_then_resume(run, tmp_path / "killed", tmp_path, kill_at=25)
     assert history(tmp_path / "killed") == history(tmp_path / "ref")
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "killed"))
 
