@@ -507,9 +507,14 @@ class Trainer:
             self.curriculum.observe(step_metrics[cfg.curriculum.metric])
         self.step += 1
 
-    def _forward_backward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """All micro-batches of one optimizer step; each split in `micro_split` parts after an
-        out-of-memory error (same samples, same effective batch, smaller activations)."""
+    def _forward_backward(self, ctx: StepContext, loss_fn=None,
+                          scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All micro-batches of one optimizer step through `loss_fn` (the experiment's loss, or an
+        ExtraUpdate's on the same micro-batches), backward through `scaler`; each micro-batch split in
+        `micro_split` parts after an out-of-memory error (same samples, same effective batch, smaller
+        activations).  Returns the step's loss and metrics, weighted means over the pieces."""
+        loss_fn = loss_fn or self.exp.loss
+        scaler = scaler or self.scaler
         accum = self.cfg.train.accum
         step_loss = None
         step_metrics: dict[str, torch.Tensor] = {}
@@ -518,8 +523,8 @@ class Trainer:
             for piece, share in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
                 weight = share / accum  # a piece's loss is a mean over its samples: weight it by its size
                 with autocast_context(self.precision, self.device):
-                    loss, metrics = self.exp.loss(self.step_model, piece, ctx)
-                self.scaler.scale(loss * weight).backward()
+                    loss, metrics = loss_fn(self.step_model, piece, ctx)
+                scaler.scale(loss * weight).backward()
                 part = loss.detach().float() * weight
                 step_loss = part if step_loss is None else step_loss + part
                 for k, v in metrics.items():
@@ -530,18 +535,7 @@ class Trainer:
     def _extra_update(self, extra, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One step of an ExtraUpdate's optimizer, on the micro-batches of the main step just taken."""
         optimizer, scaler = self.extra_optimizers[extra.name]
-        accum = self.cfg.train.accum
-        metrics_sum: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
-            batch = self.data.batch(self.step, micro, ctx.level)
-            for piece, share in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
-                weight = share / accum
-                with autocast_context(self.precision, self.device):
-                    loss, metrics = extra.loss(self.step_model, piece, ctx)
-                scaler.scale(loss * weight).backward()
-                for k, v in metrics.items():
-                    part = v.detach().float() * weight
-                    metrics_sum[k] = part if k not in metrics_sum else metrics_sum[k] + part
+        _, metrics_sum = self._forward_backward(ctx, extra.loss, scaler)
         scaler.step(optimizer)
         scaler.update()
         if extra.after_step is not None:
