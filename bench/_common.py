@@ -125,6 +125,29 @@ def interleaved(fns: dict, device: torch.device, rounds: int, iters: int, warmup
     return {name: median(t) for name, t in times.items()}
 
 
+def ratio_interval(numerators: list[float], denominators: list[float],
+                   confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """Median of the per-round ratios numerators[i] / denominators[i] of interleaved rounds, and a
+    distribution-free interval for it: the order statistics (k-th smallest, k-th largest) with the
+    largest k whose coverage of the median, 1 - 2 P(Binomial(n, 1/2) < k), is still >= `confidence`
+    -- or, with too few rounds for that, the whole range, whose coverage 1 - 2^(1-n) is returned as
+    the fourth value.  Returns (median, low, high, coverage).  A target counts as met only when the
+    whole interval is inside it: a bare median flips with the machine's noise."""
+    from scipy.stats import binom
+
+    ratios = sorted(a / b for a, b in zip(numerators, denominators))
+    n = len(ratios)
+    if n == 0:
+        raise ValueError("ratio_interval needs at least one round")
+    k, coverage = 1, 1 - 2 * binom.cdf(0, n, 0.5)
+    while k + 1 <= n // 2:
+        wider = 1 - 2 * binom.cdf(k, n, 0.5)  # coverage of (ratios[k], ratios[n-1-k])
+        if wider < confidence:
+            break
+        k, coverage = k + 1, wider
+    return statistics.median(ratios), ratios[k - 1], ratios[n - k], float(coverage)
+
+
 def fmt_rate(x: float) -> str:
     """3 significant figures with an SI suffix: 1.23 M, 456 k."""
     for div, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):

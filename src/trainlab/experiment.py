@@ -184,6 +184,13 @@ class Experiment(abc.ABC):
     def baseline_loss(self, cfg: Any) -> float:
         """Required."""
 
+    def context_free_loss(self, cfg: Any) -> float | None:
+        """The training loss of the best prediction that ignores the input (a language model's: the
+        entropy of the token frequencies), or None where there is none to state.  Preflight tells a loss
+        that only falls from the random baseline toward it -- learned by the output bias in a few steps --
+        from one that goes below it."""
+        return None
+
     def evaluate(self, model: nn.Module, data: DataStream, cfg: Any, level: float | None) -> dict[str, torch.Tensor]:
         """Held-out metrics named in `eval_metrics` (0-d tensors) at curriculum value `level`; runs
         under no_grad and eval mode.  Tensors with more than one element (maps, histograms) are
@@ -199,6 +206,12 @@ class Experiment(abc.ABC):
         """What `trainlab use RUN_DIR NAME ...` can do with a trained run of this experiment, by NAME.
         None by default."""
         return {}
+
+    def sweep_findings(self, points: list) -> Any:
+        """The conclusions of a sweep over this experiment: a trainlab.sweep.report.SweepFindings from the
+        points (sweep/report.py's PointResult, each with its RunData as `.run`), or None for the
+        collapse-against-size rules every experiment gets by default."""
+        return None
 
     def samples(self, model: nn.Module, data: DataStream, cfg: Any, step: int) -> dict[str, Any]:
         """What the model produces at an evaluation, for people to read (generated text, say):
@@ -218,7 +231,7 @@ class Experiment(abc.ABC):
 # Built-in experiments, each a module exposing EXPERIMENT.  Import is lazy so `trainlab list` and
 # config errors stay fast and one broken experiment cannot break the others' commands.
 _BUILTIN = ("trainlab.experiments.modadd", "trainlab.experiments.sha256", "trainlab.experiments.bitnet_lm",
-            "trainlab.experiments.stegastamp")
+            "trainlab.experiments.stegastamp", "trainlab.experiments.memory_lm")
 
 # Installed packages register experiments under this entry-point group, each entry point naming an
 # Experiment instance or subclass:  [project.entry-points."trainlab.experiments"]  my_exp = "pkg.mod:EXPERIMENT"

@@ -153,12 +153,15 @@ def preflight_config(cfg: RunConfig, steps: int, eval_every: int = 0) -> RunConf
 
 
 def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05,
-                    metric: str = "loss") -> tuple[Claim, str, dict]:
+                    metric: str = "loss", context_free: float | None = None) -> tuple[Claim, str, dict]:
     """Is the loss falling, or at least below a random guess?  Outcome: learning, flat below
     baseline, diverging, not learning, too noisy, or unknown (too few rows).  Non-finite losses are
     left out here (the numerics claim reports them): the statistics need finite numbers, and a run
     that blew up must still get its verdict, not a traceback.  `metric`: the loss column judged
-    (health.loss_metric)."""
+    (health.loss_metric).  `context_free`: the loss of the best prediction that ignores the input
+    (Experiment.context_free_loss); a loss falling from the random baseline but not yet below it is
+    learning the output frequencies, which any network does in its first steps -- a warning, not
+    evidence that the model uses its input."""
     points = [(r["step"], float(r[metric])) for r in rows
               if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     skip = int(len(points) * WARMUP_FRACTION)
@@ -185,6 +188,15 @@ def _learning_claim(rows: list[dict], baseline: float, alpha: float = 0.05,
             "diverging", details
     if trend.trend == "decreasing":
         note = "below the baseline" if level.below else ("at the baseline" if level.indistinguishable else "above the baseline")
+        if context_free is not None:
+            frequencies = stats.mean_below(half, context_free, alpha=alpha)
+            details["context_free"] = context_free
+            evidence += f"; context-free level {format_number(context_free)} (the output frequencies alone)"
+            if not frequencies.below:
+                return Claim("learning signal", "warn", f"falling only toward the output frequencies: {metric} "
+                             f"{format_number(first_q)} -> {format_number(last_q)}, late-half mean not below "
+                             f"{format_number(context_free)}, the loss of predicting the frequencies alone: no "
+                             "evidence yet that the model uses its input", evidence, where), "frequencies only", details
         return Claim("learning signal", "pass", f"learning: {metric} {format_number(first_q)} -> {format_number(last_q)}, {note}",
                      evidence, where), "learning", details
     if level.below:
@@ -238,7 +250,8 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
         fails.append(reason)
 
     # ---- 1. learning signal -------------------------------------------------------------------
-    claim, outcome, learn = _learning_claim(rows, baseline, metric=cfg.health.loss_metric)
+    context_free = experiment.context_free_loss(cfg) if cfg.health.loss_metric == "loss" else None
+    claim, outcome, learn = _learning_claim(rows, baseline, metric=cfg.health.loss_metric, context_free=context_free)
     claims.append(claim)
     learn["outcome"] = outcome
     if claim.verdict == "fail":  # diverging, not learning

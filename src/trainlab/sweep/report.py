@@ -1,5 +1,7 @@
 """The sweep report: the BitNet size study's table, overlaid curves, final loss against size with a
 fitted power law, and a conclusion reached by explicit rules, each printing the numbers it used.
+An experiment with questions of its own (memory_lm's ablation: does the memory help beyond the window?)
+draws its own conclusions and tables through Experiment.sweep_findings instead of the size rules below.
 
 Sizes are parameter counts without embedding tables (Kaplan et al. 2020 count those), read from each
 point's start event.  Points are grouped by the grid keys outside `model.*` (an LR grid, say), and
@@ -31,7 +33,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trainlab.formatting import format_number
 from trainlab.report.document import Figure, Heading, Para, Table
@@ -64,6 +66,7 @@ class PointResult:
     collapse_min: float | None
     lr_scale: str = "none"
     reason: str = ""  # why the run ended where it did (status.json), when it says
+    run: Any = None  # the point's RunData (report/run.py), for an experiment's own sweep rules
 
 
 def is_complete(p: PointResult) -> bool:
@@ -88,6 +91,14 @@ class Conclusion:
     numbers: list[str] = field(default_factory=list)
     diverse_threshold: float | None = None
     left_out: list[str] = field(default_factory=list)  # points of the group not judged, and why
+
+
+@dataclass
+class SweepFindings:
+    """What an experiment's own sweep rules conclude (Experiment.sweep_findings), in place of the
+    collapse-against-size rules: the conclusions, and tables (title, headers, rows) of the numbers."""
+    conclusions: list[Conclusion]
+    tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)
 
 
 def _value_at(series: list[tuple[int, float]], step: int) -> tuple[float, int] | None:
@@ -119,7 +130,7 @@ def load_points(sweep_dir: Path, manifest: dict) -> tuple[list[PointResult], str
             run.status.get("total_steps"), params, loss_col, losses[-1][1] if losses else None,
             run.series(metric) if metric else [], losses, targets[-1][1] if targets else None,
             float(health["collapse_min"]) if isinstance(health.get("collapse_min"), (int, float)) else None,
-            str(((run.config or {}).get("optim") or {}).get("lr_scale", "none")), run.summary.reason))
+            str(((run.config or {}).get("optim") or {}).get("lr_scale", "none")), run.summary.reason, run))
     return out, metric
 
 
@@ -232,15 +243,18 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
         raise UsageError(f"sweep directory {sweep_dir}: no sweep.json (not a trainlab sweep directory?)")
     points, metric = load_points(sweep_dir, manifest)
     collapse_min = next((p.collapse_min for p in points if p.collapse_min is not None), 10.0)
+    experiment = next((p.run.experiment for p in points if p.run is not None and p.run.experiment is not None), None)
+    findings = experiment.sweep_findings(points) if experiment is not None else None
     steps = table_steps(points, at)
-    conclusions = conclude(points, collapse_min, diverse_above, metric)
-    power = fits(points)
+    conclusions = findings.conclusions if findings else conclude(points, collapse_min, diverse_above, metric)
+    power = {} if findings else fits(points)
 
     blocks: list = [Heading(1, f"Sweep {sweep_dir.name}")]
     grid = ", ".join(f"{k} = {', '.join(v)}" for k, v in manifest["grid"])
+    rules = f"{experiment.name}'s own sweep rules" if findings else "the collapse-against-size rules"
     blocks.append(Para(f"target {manifest['target']}, preset {manifest.get('preset') or '(default)'}, "
-                        f"grid {grid}; {len(points)} points. Every number below is read from the points' "
-                        "run directories."))
+                        f"grid {grid}; {len(points)} points, judged by {rules}. Every number below is read from "
+                        "the points' run directories."))
     blocks.append(Heading(2, "Conclusion"))
     lines = []
     for c in conclusions:
@@ -250,7 +264,40 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
         blocks.append(Para(head))
         if c.numbers:
             blocks.append(Table(["numbers used"], [[n] for n in c.numbers]))
+    if findings:
+        for title, headers, rows in findings.tables:
+            blocks += [Heading(2, title), Table(headers, rows, css="numbers")]
+            lines += ["", title, " | ".join(headers)] + [" | ".join(r) for r in rows]
+    else:
+        lines += _size_sections(blocks, points, metric, steps, power)
+    plots = sweep_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    thresholds = sorted({c.diverse_threshold for c in conclusions if c.diverse_threshold is not None})
+    for stem, chart, caption in _figures(points, "" if findings else metric, collapse_min, thresholds, power):
+        chart.write(plots, stem)
+        blocks.append(Figure(f"{stem}.svg", inline_svg(chart.svg()), caption, png=f"{stem}.png"))
+    md_path, html_path = sweep_dir / "sweep_report.md", sweep_dir / "sweep_report.html"
+    md_path.write_text(to_markdown(blocks), encoding="utf-8")
+    html_path.write_text(to_html(blocks, f"trainlab sweep {sweep_dir.name}"), encoding="utf-8")
+    summary = {
+        "metric": metric, "collapse_min": collapse_min, "table_steps": steps,
+        "points": [{"name": p.name, "values": p.values, "state": p.state, "reason": p.reason, "step": p.step,
+                    "total_steps": p.total_steps, "judged": is_complete(p), "params": p.params,
+                    "final_loss": p.final_loss, "metric_at": {str(s): (_value_at(p.metric_series, s) or [None])[0]
+                                                              for s in steps}} for p in points],
+        "conclusions": [c.__dict__ for c in conclusions],
+        "tables": [{"title": t, "headers": h, "rows": r} for t, h, r in (findings.tables if findings else [])],
+        "fits": {k: {"E": f.E, "A": f.A, "alpha": f.alpha, "alpha_interval": f.alpha_interval,
+                     "E_interval": f.E_interval, "dof": f.dof, "note": f.note} for k, f in power.items()},
+    }
+    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return md_path, html_path, lines
 
+
+def _size_sections(blocks: list, points: list[PointResult], metric: str, steps: list[int],
+                   power: dict[str, PowerLawFit]) -> list[str]:
+    """The BitNet size study's table and the power-law fit: appended to `blocks`; returns the lines to print."""
+    lines: list[str] = []
     blocks.append(Heading(2, f"{metric or 'collapse metric'} by size and step (the BitNet size study's table)"))
     headers = ["point", "params (non-embedding)", "state"] + [f"step {s}" for s in steps] + ["final " + (
         points[0].loss_col if points and points[0].loss_col else "loss")]
@@ -277,27 +324,7 @@ def write_sweep_report(sweep_dir: Path, at: list[int] | None = None,
         text = f"not in the fit, their last loss is not final: {'; '.join(unfinished)}"
         blocks.append(Para(text))
         lines.append(text)
-    plots = sweep_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    thresholds = sorted({c.diverse_threshold for c in conclusions if c.diverse_threshold is not None})
-    for stem, chart, caption in _figures(points, metric, collapse_min, thresholds, power):
-        chart.write(plots, stem)
-        blocks.append(Figure(f"{stem}.svg", inline_svg(chart.svg()), caption, png=f"{stem}.png"))
-    md_path, html_path = sweep_dir / "sweep_report.md", sweep_dir / "sweep_report.html"
-    md_path.write_text(to_markdown(blocks), encoding="utf-8")
-    html_path.write_text(to_html(blocks, f"trainlab sweep {sweep_dir.name}"), encoding="utf-8")
-    summary = {
-        "metric": metric, "collapse_min": collapse_min, "table_steps": steps,
-        "points": [{"name": p.name, "values": p.values, "state": p.state, "reason": p.reason, "step": p.step,
-                    "total_steps": p.total_steps, "judged": is_complete(p), "params": p.params,
-                    "final_loss": p.final_loss, "metric_at": {str(s): (_value_at(p.metric_series, s) or [None])[0]
-                                                              for s in steps}} for p in points],
-        "conclusions": [c.__dict__ for c in conclusions],
-        "fits": {k: {"E": f.E, "A": f.A, "alpha": f.alpha, "alpha_interval": f.alpha_interval,
-                     "E_interval": f.E_interval, "dof": f.dof, "note": f.note} for k, f in power.items()},
-    }
-    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    return md_path, html_path, lines
+    return lines
 
 
 def _figures(points: list[PointResult], metric: str, collapse_min: float, thresholds: list[float],
@@ -322,7 +349,7 @@ def _figures(points: list[PointResult], metric: str, collapse_min: float, thresh
                 "diverse line on a point counts as diverse in the conclusion"))
     measured = [(p, p.params, p.final_loss) for p in points
                 if is_complete(p) and p.params and p.final_loss is not None]
-    if len(measured) >= 2:
+    if len(measured) >= 2 and power:  # no fit where an experiment's own rules judge the sweep
         series = []
         for label, fit in power.items():
             pts = sorted((float(n), loss) for p, n, loss in measured if _group_label(p) == label)

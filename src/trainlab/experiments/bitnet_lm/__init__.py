@@ -129,6 +129,9 @@ class BitNetLM(Experiment):
     def baseline_loss(self, cfg) -> float:
         return math.log(corpus_for(cfg).vocab_size)  # a uniform guess over the vocabulary
 
+    def context_free_loss(self, cfg) -> float:
+        return corpus_for(cfg).frequency_entropy()
+
     def evaluate(self, model: nn.Module, data: TextStream, cfg, level=None) -> dict[str, torch.Tensor]:
         vocab = data.corpus.vocab_size
         loss_sum = torch.zeros((), device=data.eval_x.device)

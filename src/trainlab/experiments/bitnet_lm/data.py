@@ -154,6 +154,13 @@ class TokenizedCorpus:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def frequency_entropy(self) -> float:
+        """Nats per token of the training split's token frequencies: the loss of a prediction that ignores
+        the context (Experiment.context_free_loss)."""
+        counts = torch.bincount(self.train, minlength=self.vocab_size).double()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * p.log()).sum())
+
     def bits_per_byte_factor(self, split: str) -> float:
         """Multiply a mean loss in nats per token by this to get bits per byte of that split."""
         tokens, nbytes = (len(self.train), self.bytes_train) if split == "train" else (len(self.val), self.bytes_val)
@@ -179,7 +186,9 @@ def tokenized_corpus(path: str, tokenizer: str, vocab_size: int, val_fraction: f
 
 def corpus_for(cfg) -> TokenizedCorpus:
     d = cfg.data
-    return tokenized_corpus(d.path, d.tokenizer, d.vocab_size, d.val_fraction, d.split_block, d.split_seed)
+    # an experiment on bytes alone (memory_lm) shares this corpus and has no tokenizer knobs
+    tokenizer, vocab_size = getattr(d, "tokenizer", "bytes"), getattr(d, "vocab_size", BYTE_VOCAB)
+    return tokenized_corpus(d.path, tokenizer, vocab_size, d.val_fraction, d.split_block, d.split_seed)
 
 
 class TextStream:
@@ -202,13 +211,19 @@ class TextStream:
         windows = val[starts[:, None] + torch.arange(self.seq_len + 1)]
         self.eval_x, self.eval_y = windows[:, :-1].to(device), windows[:, 1:].to(device)
 
-    def batch(self, step: int, micro: int, level: float | None):
+    def windows(self, step: int, micro: int) -> torch.Tensor:
+        """(micro_batch, seq_len + 1) training tokens; the stream's generator is left where the draw
+        ended, so a subclass may go on drawing from it (memory_lm plants recall keys) and stay a pure
+        function of (seed, step, micro)."""
         # offsets drawn on the training device: a CPU draw copied over would make the host wait for
         # the GPU once per step (a pageable host-to-device copy synchronises)
         generator = self._generator.manual_seed(step_seed(self.cfg.train.seed, step, micro))
         starts = torch.randint(0, len(self.train) - self.seq_len - 1, (self.micro_batch, 1), generator=generator,
                                device=self.device)
-        windows = self.train[starts + self._offsets]
+        return self.train[starts + self._offsets]
+
+    def batch(self, step: int, micro: int, level: float | None):
+        windows = self.windows(step, micro)
         return windows[:, :-1], windows[:, 1:], self.train_bpb_factor
 
 
