@@ -69,7 +69,8 @@ def test_run_all_quick_cpu_ends_with_one_line_per_figure():
     assert parsed[0]["name"].startswith("engine overhead")
     names = " | ".join(p["name"] for p in parsed)
     for figure in ("engine overhead", "lightning", "host syncs between log steps", "sha256 data, GPU generator",
-                   "64-round traces", "bitlinear fwd+bwd", "bitnet_lm tokens/s"):
+                   "64-round traces", "bitlinear fwd+bwd", "bitnet_lm tokens/s", "memory_lm / plain transformer",
+                   "memory_lm generation state"):
         assert figure in names, names
     for p in parsed:
         assert p["status"].startswith(STATUSES), p

@@ -12,7 +12,7 @@ run.  Here each question is answered by a measurement with its method named:
   4. memory: measured peaks against the device's (or host's) total and the configured ceilings;
   5. speed: throughput after warm-up, ETA for the planned steps;
   6. resume: the checkpoint taken mid-run, reloaded in a fresh trainer, reproduces the next steps'
-     losses;
+     losses; and the disk the real run's checkpoints take (one as written x what ckpt.keep retains);
   7. projection: an ensemble curve fit of the loss to the planned step, with an interval, labelled
      as a projection (its floor raised by what the parts at chance cost);
   8. goals (health/goals.py): the curriculum's gate, the user's targets and the experiment's own
@@ -47,6 +47,7 @@ from trainlab.config import RunConfig
 from trainlab.engine.callbacks import Callback
 from trainlab.engine.checkpoint import step_dir_name
 from trainlab.engine.logs import read_events, read_metrics
+from trainlab.engine.memory import format_bytes
 from trainlab.engine.trainer import Trainer
 from trainlab.errors import TrainingStopped
 from trainlab.experiment import Experiment
@@ -353,6 +354,10 @@ def run_preflight(experiment: Experiment, cfg: RunConfig, device: torch.device, 
 
     # ---- 6. resume -------------------------------------------------------------------------------
     claims.append(_resume_claim(experiment, pre, device, run_dir, probe, fails, planned_steps))
+    claim = _checkpoint_disk_claim(run_dir, cfg, planned_steps)
+    claims.append(claim)
+    if claim.verdict == "fail":
+        fails.append("checkpoints do not fit on the disk")
 
     # ---- 7. projection ---------------------------------------------------------------------------
     task_loss = cfg.health.loss_metric
@@ -506,6 +511,29 @@ def _update_ratio_claim(ratios: dict[str, list[float]]) -> tuple[Claim | None, s
     claim = Claim("update/weight ratio", "warn" if outside else "pass", value,
                   "||w_after - w_before|| / ||w_before|| per parameter, median over probed steps", "preflight probe")
     return claim, (f"{len(outside)} layers with update/weight ratio outside the band" if outside else None)
+
+
+def _checkpoint_disk_claim(run_dir: Path, cfg: RunConfig, planned_steps: int) -> Claim:
+    """The disk the real run's checkpoints take: one checkpoint as the preflight wrote it (weights,
+    optimizer state, RNG and data state), times what ckpt.keep (and the best checkpoint) retains; and
+    what keeping every periodic checkpoint would take, against the free space where the run directory is."""
+    saved = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()), key=lambda p: p.name)
+    if not saved:
+        return Claim("checkpoint disk", "not measured", "the preflight wrote no checkpoint", "-", "-")
+    size = sum(f.stat().st_size for f in saved[-1].rglob("*") if f.is_file())
+    kept = cfg.ckpt.keep + (1 if cfg.ckpt.best_metric else 0)
+    periodic = planned_steps // cfg.ckpt.every if cfg.ckpt.every else 0
+    free = shutil.disk_usage(run_dir).free
+    value = (f"{format_bytes(size)} per checkpoint; ckpt.keep {cfg.ckpt.keep}"
+             + (" + the best" if cfg.ckpt.best_metric else "") + f" retains at most {kept}: "
+             f"{format_bytes(kept * size)} of {format_bytes(free)} free")
+    if periodic > kept:
+        value += (f" (keeping all {periodic} of a checkpoint every {cfg.ckpt.every} steps would take "
+                  f"{format_bytes(periodic * size)})")
+    fits = kept * size < free
+    return Claim("checkpoint disk", "pass" if fits else "fail", value,
+                 f"bytes of {saved[-1].name} as written (weights, optimizer, RNG and data state) x the checkpoints "
+                 "retained; shutil.disk_usage of the run directory's file system", f"{saved[-1]}")
 
 
 def _host_memory_claim(peak_gb: float, memory, machine_total_gb: float, micro_batch: int) -> Claim:
