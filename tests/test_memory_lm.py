@@ -47,6 +47,12 @@ def test_smoke_run_logs_bits_per_byte_lambdas_and_recall_with_intervals(smoke_ru
     for lv, rv in zip(lam["values"], ret["values"]):
         assert 0.99 <= lv < 1.0
         assert rv == pytest.approx(lv ** 1024, rel=1e-3, abs=1e-6)
+    # the horizon 1 / (1 - lambda) keeps what six decimals of lambda lose; retention = (1 - 1/horizon)^1024
+    horizon = arrays(smoke_run, "memory_horizon")[-1]["values"]
+    for h, rv in zip(horizon, ret["values"]):
+        assert h >= 100  # lambda >= lambda_min = 0.99
+        assert rv == pytest.approx((1 - 1 / h) ** 1024, rel=1e-4)
+    assert last["memory_horizon_min"] == pytest.approx(min(horizon), rel=1e-5)
     assert last["decay_lambda_min"] == pytest.approx(min(lam["values"]), abs=1e-6)
     assert last["retention_1024_max"] == pytest.approx(max(ret["values"]), rel=1e-3, abs=1e-6)
     # recall at 0.5 and 2 windows (the smoke preset's distances), 8 probes each, with Wilson intervals
@@ -55,13 +61,13 @@ def test_smoke_run_logs_bits_per_byte_lambdas_and_recall_with_intervals(smoke_ru
     for i, multiple in enumerate((0.5, 2.0)):
         row = table["values"][9 * i: 9 * i + 9]
         mult, distance, trials, exact, lo, hi, char, clo, chi = row
-        # the shortest probe is key + 14 bytes of template: half a window of 32 is raised to 18 bytes
-        assert mult == multiple and distance == max(18, 32 * multiple) and trials == 8
+        # the shortest probe is key + 15 bytes of template: half a window of 32 is raised to 19 bytes
+        assert mult == multiple and distance == max(19, 32 * multiple) and trials == 8
         assert lo <= exact <= hi and clo <= char <= chi
         assert last[f"recall_exact_{'half_w' if multiple == 0.5 else '2w'}"] == pytest.approx(exact, abs=1e-6)
     samples = [json.loads(line) for line in (smoke_run / "samples.jsonl").read_text().splitlines()]
     assert {"greedy", "sampled", "prompt", "recall"} <= set(samples[-1])
-    assert [a["distance"] for a in samples[-1]["recall"]] == [18, 64]
+    assert [a["distance"] for a in samples[-1]["recall"]] == [19, 64]
     assert all(len(a["key"]) == 4 for a in samples[-1]["recall"])
     start = next(e for e in read_events(smoke_run / "events.jsonl") if e["kind"] == "start")
     assert start["params"] > 0

@@ -109,8 +109,8 @@ def test_short_distances_clamp_to_the_minimum():
     key_len = 6
     probes = build_probes(text_ids(), 10, trials=4, key_len=key_len, alphabet=LETTERS, multiples=(0.5, 1.0, 2.0))
     least = min_distance(key_len)
-    assert least == key_len + len(KEY_END) + len(QUERY) == 20
-    assert [p.distance for p in probes] == [least, least, 20]
+    assert least == key_len + len(KEY_END) + len(QUERY) == 21
+    assert [p.distance for p in probes] == [least, least, least]  # 2 x 10 = 20 is below it too
     for p in probes:
         assert torch.equal(p.prompts[:, -p.distance:-p.distance + key_len], p.keys)
         assert set(bytes(p.keys.flatten().tolist()).decode()) <= set(LETTERS)
@@ -124,7 +124,7 @@ def test_text_containing_the_phrase_is_avoided_and_three_byte_text_still_works()
     # only three-byte characters: a filler length that is not a multiple of three must split one
     cjk = torch.frombuffer(bytearray("日本語の文章".encode() * 400), dtype=torch.uint8).long()
     probes = build_probes(cjk, 16, trials=5, lead=30, multiples=(1.0, 2.0))
-    assert [p.prompts.shape[1] for p in probes] == [30 + 12 + 18, 30 + 12 + 32]
+    assert [p.prompts.shape[1] for p in probes] == [30 + len(QUERY) + min_distance(4), 30 + len(QUERY) + 32]
     assert all(torch.equal(p.prompts[:, -p.distance:-p.distance + 4], p.keys) for p in probes)
     bytes(probes[0].prompts[0, :30].tolist()).decode("utf-8")  # the lead (30 bytes) can still be whole characters
 

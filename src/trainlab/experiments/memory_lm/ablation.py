@@ -62,7 +62,7 @@ class Arm:
     val_bpb: float | None
     bpb_by_sequence: list[float]
     recall: dict[float, Recall] = field(default_factory=dict)  # window multiple -> result
-    lambdas: tuple[float, float] | None = None
+    horizons: tuple[float, float] | None = None  # smallest and largest 1 / (1 - lambda) in bytes
     receptive_field: int | None = None  # bytes the stacked window attention reaches back
     window: int = 0  # model.window (0: full attention)
 
@@ -79,12 +79,12 @@ def read_arm(p: PointResult) -> Arm | None:
         return None
     rows = p.run.rows
     bpb = [r["val_bpb"] for r in rows if isinstance(r.get("val_bpb"), (int, float))]
-    lo = [r["decay_lambda_min"] for r in rows if isinstance(r.get("decay_lambda_min"), (int, float))]
-    hi = [r["decay_lambda_max"] for r in rows if isinstance(r.get("decay_lambda_max"), (int, float))]
+    lo = [r["memory_horizon_min"] for r in rows if isinstance(r.get("memory_horizon_min"), (int, float))]
+    hi = [r["memory_horizon_max"] for r in rows if isinstance(r.get("memory_horizon_max"), (int, float))]
     per_sequence = _last_array(p.run_dir, "val_bpb_by_sequence")
     arm = Arm(p, bool(cfg.model.memory), bpb[-1] if bpb else None,
               list(per_sequence["values"]) if per_sequence else [],
-              lambdas=(lo[-1], hi[-1]) if lo and hi else None,
+              horizons=(lo[-1], hi[-1]) if lo and hi else None,
               receptive_field=cfg.model.layers * (cfg.model.window - 1) if cfg.model.window else None,
               window=cfg.model.window)
     table = _last_array(p.run_dir, "recall")
@@ -180,7 +180,7 @@ def _compare(label: str, pairs: list[tuple[Arm, Arm]]) -> Conclusion:
     if control is not None and window and control.distance >= window:
         # the shortest probe (key + template) is longer than half a small window: no longer inside it
         numbers.append(f"positive control: not measured -- the {inside[0]:g}-window probe is {control.distance} "
-                       f"bytes, not inside the {window}-byte window (a probe needs the key and 14 bytes of template)")
+                       f"bytes, not inside the {window}-byte window (a probe needs the key and 15 bytes of template)")
         control = None
     elif control is None:
         numbers.append("positive control: not measured -- no distance inside the window was tested "
@@ -273,7 +273,7 @@ def sweep_findings(points: list[PointResult]) -> SweepFindings:
                                                      "with --grid model.memory=on,off", left_line, left_out=left_out)]
 
     multiples = sorted({m for a in judged for m in a.recall})
-    headers = (["point", "memory", "state", "val_bpb", "learned lambda"] +
+    headers = (["point", "memory", "state", "val_bpb", "memory horizon 1/(1-lambda), bytes"] +
                [f"recall {m:g} window" for m in multiples])
     rows = []
     for p in points:
@@ -282,7 +282,7 @@ def sweep_findings(points: list[PointResult]) -> SweepFindings:
         if arm is None:
             rows.append([p.name, "-", state, "-", "-"] + ["-"] * len(multiples))
             continue
-        lam = f"{arm.lambdas[0]:.6f} .. {arm.lambdas[1]:.6f}" if arm.lambdas else "-"
+        lam = f"{arm.horizons[0]:,.0f} .. {arm.horizons[1]:,.0f}" if arm.horizons else "-"
         bpb = f"{arm.val_bpb:.4f}" if arm.val_bpb is not None else "-"
         rows.append([p.name, "on" if arm.memory else "off", state, bpb, lam] + [_cell(arm, m) for m in multiples])
     title = "held-out bits per byte and exact recall by distance (k/n = rate [95 % Wilson interval])"

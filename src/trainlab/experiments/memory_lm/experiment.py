@@ -6,10 +6,12 @@ At every evaluation it logs:
   - val_loss, val_bpb (bits per byte), val_bpc (bits per UTF-8 character: the report's "BPC"; equal to
     val_bpb on ASCII text, larger where letters take two bytes), val_acc on a fixed held-out batch, and
     val_bpb_by_sequence (one value per evaluation sequence, eval_arrays.jsonl) for paired comparisons;
-  - the learned decay of every head in every layer (decay_lambda, layers x heads) and its retention after
-    1,024 bytes (retention_1024 = lambda^1024), with their smallest and largest values as scalars, and the
-    memory/attention mix of every head (mix_gate): the report's arithmetic (0.995^1024 = 0.6 %) checked
-    against what the model learned, not against its initialisation;
+  - the learned decay of every head in every layer (decay_lambda, layers x heads), its retention after
+    1,024 bytes (retention_1024 = lambda^1024) and its horizon 1 / (1 - lambda) in bytes (memory_horizon:
+    lambda is within 1e-5 of 1 at the Phase 8 initialisation, where six decimals of lambda say nothing),
+    with their smallest and largest values as scalars, and the memory/attention mix of every head
+    (mix_gate): the report's arithmetic (0.995^1024 = 0.6 %) checked against what the model learned, not
+    against its initialisation;
   - the recall test (recall.py) at every distance of data.recall_multiples: exact-match and per-character
     rates as scalars (recall_exact_2w, recall_char_2w, ...) and, in eval_arrays.jsonl, `recall` with one
     row per distance: distance in bytes, trials, exact rate and its 95 % Wilson interval, per-character
@@ -66,7 +68,8 @@ class MemoryLMExperiment(Experiment):
     data_config = MemoryLMDataConfig
     train_metrics = ("acc", "bpb")
     eval_metrics = ("val_loss", "val_bpb", "val_bpc", "val_acc", "decay_lambda_min", "decay_lambda_max",
-                    "retention_1024_min", "retention_1024_max", "mix_gate_mean") + recall_metric_names()
+                    "retention_1024_min", "retention_1024_max", "memory_horizon_min", "memory_horizon_max",
+                    "mix_gate_mean") + recall_metric_names()
     throughput_unit = "tokens"
     default_preset = "quick"
     heatmaps = {"retention_1024": {
@@ -168,15 +171,19 @@ class MemoryLMExperiment(Experiment):
 
     @staticmethod
     def _memory_metrics(model: MemoryLM) -> dict[str, torch.Tensor]:
-        lambdas = model.decay_lambdas()
-        if lambdas is None:  # memory off: nothing decays
+        forget = model.decay_forgets()
+        if forget is None:  # memory off: nothing decays
             return {}
-        # lambda^1024 through logs: lambda itself is within float32 rounding of 1 when the logit is large
-        retention = torch.exp(RETENTION_BYTES * torch.log(lambdas.double())).float()
+        # from 1 - lambda, in float64: lambda itself is within float32 rounding of 1 when the logit is large
+        forget = forget.double()
+        lambdas = 1 - forget
+        retention = torch.exp(RETENTION_BYTES * torch.log1p(-forget))
+        horizon = 1 / forget  # bytes after which a stored byte keeps 1/e of its weight
         gates = model.mix_gates()
-        return {"decay_lambda": lambdas, "retention_1024": retention, "mix_gate": gates,
+        return {"decay_lambda": lambdas, "retention_1024": retention, "memory_horizon": horizon, "mix_gate": gates,
                 "decay_lambda_min": lambdas.min(), "decay_lambda_max": lambdas.max(),
                 "retention_1024_min": retention.min(), "retention_1024_max": retention.max(),
+                "memory_horizon_min": horizon.min(), "memory_horizon_max": horizon.max(),
                 "mix_gate_mean": gates.mean()}
 
     @staticmethod

@@ -356,6 +356,13 @@ class MemoryLM(nn.Module):
             return None
         return torch.stack([block.decay() for block in self.blocks]).detach()
 
+    def decay_forgets(self) -> torch.Tensor | None:
+        """(layers, heads) float32: each head's 1 - lambda, computed without the cancellation that lambda itself,
+        within 1e-6 of 1 at the defaults, suffers in float32; None without the memory."""
+        if not self.cfg.memory:
+            return None
+        return torch.stack([block._forget() for block in self.blocks]).detach()
+
     def mix_gates(self) -> torch.Tensor | None:
         """(layers, heads) float32: sigmoid(g), each head's weight on the memory; None without the memory."""
         if not self.cfg.memory:

@@ -5,7 +5,13 @@ Template (bytes, UTF-8).  A probe is
 
     lead text + PLANT(key) + filler text + QUERY          and the model should continue with the key,
 
-    PLANT(key) = " The key is " + key + ". "      QUERY = " The key is "
+    PLANT(key) = " The key is $" + key + ". "      QUERY = " The key is $"
+
+The query ends in '$', a byte ordinary prose rarely holds (34 times in the 1.68 MB embedded corpus), so
+"the byte after the last '$'" names the key without ambiguity: copying it is the one-step induction a
+small model can learn.  With a query ending in a space (the first template), the key's position was
+one of every word start, and the quick preset's models never learned to copy it (key-position loss
+ln 10 after 1500 steps: "a digit comes next", not which -- docs/experiments/memory_lm.md).
 
 The distance d of a probe is the number of bytes from the first byte of the planted key to the position
 right after the query (where the model must emit the first key byte), so the key sits exactly d bytes
@@ -14,8 +20,8 @@ before the end of the prompt.  Distances are multiples of the window W (MULTIPLE
 do the task at all, and failures further out say nothing about its memory.
 
 Minimum distance.  The filler gets d - key_len - len(". ") - len(QUERY) bytes, so d cannot be below
-`min_distance(key_len)` = key_len + 14 (empty filler).  A multiple whose distance falls below that (0.5 W
-of a window under 2 * (key_len + 14) bytes) is clamped up to the minimum, and `distance` reports the
+`min_distance(key_len)` = key_len + 15 (empty filler).  A multiple whose distance falls below that (0.5 W
+of a window under 2 * (key_len + 15) bytes) is clamped up to the minimum, and `distance` reports the
 distance actually used; such a "control" may then lie outside the window.
 
 Text.  Lead (a fixed `lead` bytes) and filler are cut from the validation split at positions drawn from
@@ -60,7 +66,7 @@ DIGITS = "0123456789"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
 
-QUERY = b" The key is "
+QUERY = b" The key is $"
 KEY_END = b". "
 MARKER = b"The key is"  # what ordinary text around a probe must not contain: a second plant or query
 BYTE_SYMBOLS = 256
