@@ -25,7 +25,7 @@ import argparse
 import torch
 
 import _common as C
-from engine_overhead import COMMON, Clock, trainer_loop
+from engine_overhead import COMMON, interleaved_trainer_rounds
 from trainlab.config import resolve
 from trainlab.engine.trainer import parameter_counts, resolve_precision
 from trainlab.experiment import get_experiment
@@ -69,13 +69,7 @@ def main() -> None:
           f"interleaved rounds of {steps} steps, steps {warmup + 1}..{steps} timed; model FLOPs/token "
           + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in fpt.items())
           + (f"; peak {peak} TFLOP/s bf16" if peak else "; MFU not defined on this device (no known peak)"))
-    times: dict[str, list[float]] = {k: [] for k in cfgs}
-    order = list(cfgs)
-    for r in range(args.rounds):
-        for kind in (order if r % 2 == 0 else order[::-1]):
-            clock = Clock(device, warmup, steps)
-            trainer_loop(exp, cfgs[kind], device, clock)
-            times[kind].append(clock.step_time())
+    times = interleaved_trainer_rounds(exp, cfgs, device, args.rounds, warmup, steps)
     rate = {k: tokens_per_step / C.median(v) for k, v in times.items()}
     mfu = {k: fpt[k] * rate[k] / (peak * 1e12) for k in rate} if peak else {}
     print(f"{'model.linear':12} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}   per-round ms/step")
@@ -83,7 +77,10 @@ def main() -> None:
         print(f"{k:12} {C.median(times[k]) * 1e3:9.1f} {C.fmt_rate(rate[k]):>10} "
               f"{(f'{mfu[k] * 100:.1f} %' if mfu else 'n/a'):>7}   " + " ".join(f"{t * 1e3:.1f}" for t in times[k]))
     ratio = rate["bitlinear"] / rate["dense"]
-    print(f"bitlinear / dense throughput: {ratio:.3f}")
+    # throughput ratio bitlinear / dense = dense step time / bitlinear step time, round by round
+    median, lo, hi, coverage = C.ratio_interval(times["dense"], times["bitlinear"])
+    print(f"bitlinear / dense throughput: {ratio:.3f} (ratio of medians); per-round median {median:.3f} "
+          f"[{lo:.3f}, {hi:.3f}] ({100 * coverage:.0f} % interval over {args.rounds} rounds)")
 
     if device.type == "cuda":
         lines = [C.summary(f"bitnet_lm tokens/s, BitLinear, hidden {cfg.model.hidden} (cuda, Trainer)",

@@ -144,6 +144,20 @@ def trainer_loop(exp, cfg, device: torch.device, clock: Clock, callbacks: list |
         Trainer(cfg, exp, run, device, callbacks=[clock, *run_watchers(cfg, exp, run), *(callbacks or [])]).fit()
 
 
+def interleaved_trainer_rounds(exp, cfgs: dict, device: torch.device, rounds: int, warmup: int,
+                               steps: int) -> dict[str, list[float]]:
+    """Mean step time of a Trainer.fit() of each config, round by round: the configs run one after the
+    other, the order turned every round (A, B, B, A, ...) so neither always runs first."""
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    order = list(cfgs)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            clock = Clock(device, warmup, steps)
+            trainer_loop(exp, cfgs[name], device, clock)
+            times[name].append(clock.step_time())
+    return times
+
+
 def lightning_loop(exp, cfg, device: torch.device, clock: Clock) -> None:
     """The same work through Lightning's Trainer (only when `lightning` is installed)."""
     import lightning as L

@@ -28,7 +28,7 @@ import argparse
 import torch
 
 import _common as C
-from engine_overhead import COMMON, Clock, trainer_loop
+from engine_overhead import COMMON, interleaved_trainer_rounds
 from trainlab.config import resolve
 from trainlab.engine.trainer import parameter_counts, resolve_precision
 from trainlab.experiment import get_experiment
@@ -95,13 +95,7 @@ def main() -> None:
           f"{resolve_precision(cfg.train.precision, device)}; parameters "
           + ", ".join(f"{k} {v:,}" for k, v in params.items())
           + f"; {args.rounds} interleaved rounds of {steps} steps, steps {warmup + 1}..{steps} timed")
-    times: dict[str, list[float]] = {k: [] for k in cfgs}
-    order = list(cfgs)
-    for r in range(args.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            clock = Clock(device, warmup, steps)
-            trainer_loop(exp, cfgs[name], device, clock)
-            times[name].append(clock.step_time())
+    times = interleaved_trainer_rounds(exp, cfgs, device, args.rounds, warmup, steps)
     print(f"{'variant':10} {'ms/step':>9} {'tokens/s':>10}   per-round ms/step")
     for name in cfgs:
         print(f"{name:10} {C.median(times[name]) * 1e3:9.1f} {C.fmt_rate(tokens_per_step / C.median(times[name])):>10}"

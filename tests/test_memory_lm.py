@@ -190,3 +190,16 @@ def test_preflight_refuses_three_steps_and_tells_a_drop_toward_the_frequencies_f
     # 20 steps of the smoke model fall from ln 256 = 5.55 but stay above the text's byte entropy (3.29 nats)
     assert learning["verdict"] == "warn" and "output frequencies" in learning["value"]
     assert "context-free level 3.29" in learning["evidence"]
+
+
+def test_memory_off_points_pair_whatever_their_unused_memory_knobs_but_not_across_seeds():
+    from trainlab.experiments.memory_lm.ablation import _pairing_key
+
+    def point(**values):
+        return PointResult("p", {k.replace("__", "."): v for k, v in values.items()}, Path("."), "finished", 1, 1,
+                           None, "val_loss", None, [], [], None, None)
+
+    on = point(model__memory="on", model__lambda_min="0.99", model__decay_init="8", train__seed="1")
+    off = point(model__memory="off", model__lambda_min="0.995", model__decay_init="0", train__seed="1")
+    other_seed = point(model__memory="off", model__lambda_min="0.99", model__decay_init="8", train__seed="2")
+    assert _pairing_key(on) == _pairing_key(off) != _pairing_key(other_seed)

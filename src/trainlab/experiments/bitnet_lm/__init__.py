@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlab.engine.state import step_seed
 from trainlab.errors import ConfigError
-from trainlab.experiment import Experiment, Preset, StepContext
-from trainlab.experiments.bitnet_lm.data import BitLMDataConfig, TextStream, check_corpus, corpus_for
+from trainlab.experiment import Preset
+from trainlab.experiments.bitnet_lm.data import BitLMDataConfig, TextStream, corpus_for
+from trainlab.experiments.bitnet_lm.language_model import LanguageModelExperiment
 from trainlab.experiments.bitnet_lm.model import BitLM, BitLMModelConfig, resolved_shape
 
 EVAL_CHUNK = 8  # validation sequences per forward pass: bounds the memory of vocab-wide logits
@@ -54,14 +54,12 @@ def _sized(hidden: int, layers: int, heads: int) -> Preset:
                   {**_SEED_LOOP, "model": {"hidden": hidden, "layers": layers, "heads": heads}}, sized_for="cuda")
 
 
-class BitNetLM(Experiment):
+class BitNetLM(LanguageModelExperiment):
     name = "bitnet_lm"
     description = "BitNet b1.58 byte-level language model; degenerate decoding against model size (the BitNet size study)"
     model_config = BitLMModelConfig
     data_config = BitLMDataConfig
-    train_metrics = ("acc", "bpb")
     eval_metrics = ("val_loss", "val_bpb", "val_acc", "distinct_preds", "distinct_targets")
-    throughput_unit = "tokens"
     default_preset = "cpu"
     presets = {
         "smoke": Preset("seconds on CPU, for tests: hidden 32, one layer, 32-byte sequences", {
@@ -102,10 +100,6 @@ class BitNetLM(Experiment):
             resolved_shape(cfg.model)
         except ValueError as exc:
             raise ConfigError("model.heads", str(exc)) from None
-        if cfg.data.prompt_tokens >= cfg.data.seq_len:
-            raise ConfigError("data.prompt_tokens", f"must be < data.seq_len={cfg.data.seq_len}; "
-                                                    f"got {cfg.data.prompt_tokens}")
-        check_corpus(cfg)
 
     def build_model(self, cfg) -> nn.Module:
         return BitLM(cfg.model, corpus_for(cfg).vocab_size, cfg.data.seq_len)
@@ -116,21 +110,8 @@ class BitNetLM(Experiment):
     def width(self, cfg) -> int:
         return cfg.model.hidden
 
-    def items_per_sample(self, cfg) -> int:
-        return cfg.data.seq_len
-
-    def loss(self, model: nn.Module, batch, ctx: StepContext):
-        x, y, bits_per_byte_factor = batch
-        logits = model(x).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        acc = (logits.detach().argmax(-1) == y).float().mean()
-        return loss, {"acc": acc, "bpb": loss.detach() * bits_per_byte_factor}
-
     def baseline_loss(self, cfg) -> float:
         return math.log(corpus_for(cfg).vocab_size)  # a uniform guess over the vocabulary
-
-    def context_free_loss(self, cfg) -> float:
-        return corpus_for(cfg).frequency_entropy()
 
     def evaluate(self, model: nn.Module, data: TextStream, cfg, level=None) -> dict[str, torch.Tensor]:
         vocab = data.corpus.vocab_size
@@ -147,17 +128,6 @@ class BitNetLM(Experiment):
         return {"val_loss": val_loss, "val_bpb": val_loss * data.corpus.bits_per_byte_factor("val"),
                 "val_acc": (preds == data.eval_y).float().mean(), "distinct_preds": distinct_tokens(preds, vocab),
                 "distinct_targets": distinct_tokens(data.eval_y, vocab)}
-
-    def samples(self, model: nn.Module, data: TextStream, cfg, step: int) -> dict:
-        if cfg.data.sample_tokens == 0:
-            return {}
-        tokenizer = data.corpus.tokenizer
-        prompt = data.eval_x[:1, :cfg.data.prompt_tokens]
-        greedy = model.generate(prompt, cfg.data.sample_tokens)
-        generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1 << 20))
-        sampled = model.generate(prompt, cfg.data.sample_tokens, cfg.data.sample_temperature, generator)
-        return {"prompt": tokenizer.decode(prompt[0].tolist()), "greedy": tokenizer.decode(greedy[0].tolist()),
-                "sampled": tokenizer.decode(sampled[0].tolist()), "temperature": cfg.data.sample_temperature}
 
 
 EXPERIMENT = BitNetLM()

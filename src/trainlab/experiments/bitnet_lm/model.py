@@ -117,11 +117,16 @@ class BitLM(nn.Module):
         hundred tokens do not need one, and the full recompute keeps this exactly the training forward."""
         out = prompt
         for _ in range(new_tokens):
-            logits = self(out[:, -self.max_seq_len:])[:, -1].float()
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(out.device)
-            out = torch.cat((out, nxt), dim=1)
+            logits = self(out[:, -self.max_seq_len:])[:, -1]
+            out = torch.cat((out, next_token(logits, temperature, generator)[:, None]), dim=1)
         return out[:, prompt.shape[1]:]
+
+
+def next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) tokens: the argmax at temperature 0, else a draw from softmax(logits /
+    temperature) made on the CPU with `generator`, so a seed gives the same text on every device."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)

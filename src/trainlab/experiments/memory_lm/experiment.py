@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainlab.engine.state import step_seed
 from trainlab.errors import ConfigError
-from trainlab.experiment import Experiment, Preset, StepContext
-from trainlab.experiments.bitnet_lm.data import check_corpus, corpus_for
-from trainlab.experiments.memory_lm.data import MemoryLMDataConfig, MemoryTextStream, recall_unit
+from trainlab.experiment import Preset
+from trainlab.experiments.bitnet_lm.language_model import LanguageModelExperiment
+from trainlab.experiments.memory_lm.data import MemoryLMDataConfig, MemoryTextStream
 from trainlab.experiments.memory_lm.model import VOCAB, MemoryLM, MemoryLMModelConfig, check_shape
 from trainlab.experiments.memory_lm.recall import MULTIPLES, metric_suffix, score_recall
 
@@ -60,17 +59,15 @@ _PHASE_LOOP = {
 }
 
 
-class MemoryLMExperiment(Experiment):
+class MemoryLMExperiment(LanguageModelExperiment):
     name = "memory_lm"
     description = ("byte-level LM with window attention and a per-head decaying memory; bits per byte, a recall test "
                    "beyond the window and a memory ablation (the memory LM study)")
     model_config = MemoryLMModelConfig
     data_config = MemoryLMDataConfig
-    train_metrics = ("acc", "bpb")
     eval_metrics = ("val_loss", "val_bpb", "val_bpc", "val_acc", "decay_lambda_min", "decay_lambda_max",
                     "retention_1024_min", "retention_1024_max", "memory_horizon_min", "memory_horizon_max",
                     "mix_gate_mean") + recall_metric_names()
-    throughput_unit = "tokens"
     default_preset = "quick"
     heatmaps = {"retention_1024": {
         "title": "retention after 1,024 bytes (lambda^1024) of every head", "lo": 0.0, "hi": 1.0,
@@ -118,15 +115,11 @@ class MemoryLMExperiment(Experiment):
             check_shape(cfg.model)
         except ValueError as exc:
             raise ConfigError("model.heads", str(exc)) from None
-        if cfg.data.prompt_tokens >= cfg.data.seq_len:
-            raise ConfigError("data.prompt_tokens", f"must be < data.seq_len={cfg.data.seq_len}; "
-                                                    f"got {cfg.data.prompt_tokens}")
         unknown = [m for m in cfg.data.recall_multiples if m not in MULTIPLES]
         if unknown:
             raise ConfigError("data.recall_multiples", f"allowed distances (in windows): "
                                                        f"{', '.join(f'{m:g}' for m in MULTIPLES)}; got "
                                                        f"{', '.join(f'{m:g}' for m in unknown)}")
-        check_corpus(cfg)
 
     def build_model(self, cfg) -> nn.Module:
         return MemoryLM(cfg.model, cfg.data.seq_len)
@@ -137,21 +130,8 @@ class MemoryLMExperiment(Experiment):
     def width(self, cfg) -> int:
         return cfg.model.d_model
 
-    def items_per_sample(self, cfg) -> int:
-        return cfg.data.seq_len
-
-    def loss(self, model: nn.Module, batch, ctx: StepContext):
-        x, y, bits_per_byte_factor = batch
-        logits = model(x).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        acc = (logits.detach().argmax(-1) == y).float().mean()
-        return loss, {"acc": acc, "bpb": loss.detach() * bits_per_byte_factor}
-
     def baseline_loss(self, cfg) -> float:
         return math.log(VOCAB)  # a uniform guess over the 256 byte values
-
-    def context_free_loss(self, cfg) -> float:
-        return corpus_for(cfg).frequency_entropy()  # of the text itself: recall practice (a few % of bytes) aside
 
     def evaluate(self, model: nn.Module, data: MemoryTextStream, cfg, level=None) -> dict[str, torch.Tensor]:
         losses, correct = [], torch.zeros((), device=data.eval_x.device)
@@ -205,15 +185,7 @@ class MemoryLMExperiment(Experiment):
         return out
 
     def samples(self, model: MemoryLM, data: MemoryTextStream, cfg, step: int) -> dict:
-        out: dict = {}
-        if cfg.data.sample_tokens:
-            prompt = data.eval_x[:1, :cfg.data.prompt_tokens]
-            greedy = model.generate(prompt, cfg.data.sample_tokens)
-            generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1 << 20))
-            sampled = model.generate(prompt, cfg.data.sample_tokens, cfg.data.sample_temperature, generator)
-            decode = data.corpus.tokenizer.decode
-            out.update(prompt=decode(prompt[0].tolist()), greedy=decode(greedy[0].tolist()),
-                       sampled=decode(sampled[0].tolist()), temperature=cfg.data.sample_temperature)
+        out = super().samples(model, data, cfg, step)  # greedy and sampled text, in the recurrent form
         if data.probes:
             # one recall probe per distance, with what the model answered (recurrent generation, greedy)
             answers = []

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.config import knob
-from trainlab.experiments.bitnet_lm.model import apply_rotary, rotary_tables
+from trainlab.experiments.bitnet_lm.model import apply_rotary, next_token, rotary_tables
 from trainlab.nn import RMSNorm
 
 VOCAB = 256  # bytes
@@ -337,12 +337,7 @@ class MemoryLM(nn.Module):
             logits, state = self.step(prompt[:, t], state)
         produced = []
         for i in range(new_tokens):
-            logits = logits.float()
-            if temperature <= 0:
-                token = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(prompt.device)
+            token = next_token(logits, temperature, generator)
             produced.append(token)
             if i + 1 < new_tokens:  # the last token's logits would never be read
                 logits, state = self.step(token, state)
