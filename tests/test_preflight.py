@@ -237,6 +237,12 @@ def _parameter_count(experiment: ModAdd) -> int:
     return len(list(experiment.build_model(load_target("modadd", "smoke", [], None)[1]).parameters()))
 
 
+def _matrix_count(experiment: ModAdd) -> int:
+    """Its weight matrices: the update/weight band judges those (vectors carry values, not scales)."""
+    return sum(1 for p in experiment.build_model(load_target("modadd", "smoke", [], None)[1]).parameters()
+               if p.dim() >= 2)
+
+
 def test_preflight_fails_parameters_that_never_receive_a_gradient(tmp_path: Path):
     result, claims = _preflight(tmp_path / "pf", DeadParametersModAdd(), [])
     claim = claims["layers without gradient"]
@@ -259,7 +265,7 @@ def test_preflight_warns_on_layers_whose_updates_are_outside_the_ratio_band(tmp_
     # step: 4 of its 20 (0, 2, 4, 6) moved the weights, 16 did not, so every median ratio is 0.
     result, claims = _preflight(tmp_path / "pf", ModAdd(), [
         "schedule.phases=[{kind: constant, steps: 8, start: 3}, {kind: constant, steps: 0, start: 0}]"], steps=40)
-    claim, n = claims["update/weight ratio"], _parameter_count(ModAdd())
+    claim, n = claims["update/weight ratio"], _matrix_count(ModAdd())
     assert claim.verdict == "warn" and claim.value.endswith(f"{n} of {n} outside [1e-06, 0.1]"), claim
     assert claim.value.startswith("median per layer from 0 (")
     assert f"{n} layers with update/weight ratio outside the band" in result.reasons

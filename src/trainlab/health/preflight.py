@@ -120,7 +120,9 @@ class GradientProbe(StepLossRecorder):
         for name, p in self._params(trainer):
             before = self._before[name]
             norm = float(before.float().norm())
-            if norm > 0:
+            # matrices only: a vector's value is its meaning (a norm gain at 1, a gate or a decay logit at
+            # 0 or 8), not a scale an update could be measured against (a gate from 0 reads as infinite)
+            if norm > 0 and p.dim() >= 2:
                 self.ratios[name].append(float((p.detach().float() - before.float()).norm()) / norm)
         self._before = {}
 
@@ -509,7 +511,8 @@ def _update_ratio_claim(ratios: dict[str, list[float]]) -> tuple[Claim | None, s
     value = (f"median per layer from {format_number(medians[lo_name], 2)} ({lo_name}) to {format_number(medians[hi_name], 2)} "
              f"({hi_name}); {len(outside)} of {len(medians)} outside [{RATIO_BAND[0]:g}, {RATIO_BAND[1]:g}]")
     claim = Claim("update/weight ratio", "warn" if outside else "pass", value,
-                  "||w_after - w_before|| / ||w_before|| per parameter, median over probed steps", "preflight probe")
+                  "||w_after - w_before|| / ||w_before|| per weight matrix (2-D and up; vectors -- norm gains, biases, "
+                  "gates -- are not judged), median over probed steps", "preflight probe")
     return claim, (f"{len(outside)} layers with update/weight ratio outside the band" if outside else None)
 
 
