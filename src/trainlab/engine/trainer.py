@@ -283,8 +283,13 @@ class Trainer:
         if ckpt is None and broken:
             self._say(f"every checkpoint of {self.run_dir} is corrupt ({why}); starting over from step 0")
         if ckpt is None:
+            counts = parameter_counts(self.model)
             self.events.write({"kind": "start", "attempt": self.attempt, "device": str(self.device),
-                               "precision": self.precision, "pid": os.getpid(), **parameter_counts(self.model)})
+                               "precision": self.precision, "pid": os.getpid(), **counts})
+            t = self.cfg.train
+            self._say(f"starting {self.run_dir.name}: {counts['params']:,} parameters ({counts['params_embedding']:,} "
+                      f"in embeddings), effective batch {t.micro_batch} x {t.accum} = {t.micro_batch * t.accum}, "
+                      f"{self.precision} on {self.device}")
             if self.base_lr != self.cfg.optim.lr:
                 self.events.write({"kind": "lr_scaled", "rule": self.cfg.optim.lr_scale,
                                    "width": self.exp.width(self.cfg), "base": self.cfg.optim.lr_scale_base,
