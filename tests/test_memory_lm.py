@@ -153,6 +153,18 @@ def test_ablation_rules(on, off, rule):
     c = _compare("lambda_min=0.99", [(_arm(True, on, 1.9), _arm(False, off, 2.0))])
     assert c.rule == rule, c.verdict
     assert any("paired 95 % t interval over the 8 evaluation sequences" in n for n in c.numbers)
+    # every sequence 0.1 bits/byte lower with memory: the verdict ends with it
+    assert c.verdict.endswith("the memory lowers held-out bits per byte: -0.1000 [-0.1000, -0.1000] bits/byte, "
+                              "over the evaluation text only, one seed")
+
+
+def test_ablation_pools_recall_and_judges_bits_per_byte_over_seeds():
+    pairs = [(_arm(True, {0.5: (30, 35), 2: (20, 35)}, bpb), _arm(False, {0.5: (30, 35), 2: (0, 35)}, 2.0))
+             for bpb in (2.05, 2.04, 2.06)]
+    c = _compare("all points", pairs)
+    assert c.rule == "1" and "over 3 seeds" in c.verdict
+    assert "the memory raises held-out bits per byte (worse): +0.0500" in c.verdict
+    assert any(n.startswith("2 window (128 bytes): on 60/105") for n in c.numbers), c.numbers
 
 
 def test_newcombe_interval_matches_the_published_example():

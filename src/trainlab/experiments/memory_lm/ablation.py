@@ -140,38 +140,52 @@ def _pool(arms: list[Arm], multiple: float) -> Recall | None:
     return Recall(sum(r.exact for r in found), sum(r.trials for r in found), found[0].distance)
 
 
-def _bpb_numbers(pairs: list[tuple[Arm, Arm]]) -> list[str]:
+def _bpb_numbers(pairs: list[tuple[Arm, Arm]]) -> tuple[list[str], str]:
+    """The numbers of the bits-per-byte comparison, and the clause the verdict ends with."""
     diffs = [on.val_bpb - off.val_bpb for on, off in pairs if on.val_bpb is not None and off.val_bpb is not None]
     if not diffs:
-        return ["held-out bits per byte: not measured (no val_bpb in these runs)"]
+        return ["held-out bits per byte: not measured (no val_bpb in these runs)"], "held-out bits per byte not measured"
     on_mean = statistics.fmean(on.val_bpb for on, _ in pairs)
     off_mean = statistics.fmean(off.val_bpb for _, off in pairs)
     head = f"held-out bits per byte: memory on {on_mean:.4f}, off {off_mean:.4f}"
     across = mean_interval(diffs)
+    on, off = pairs[0]
     if across:
         m, lo, hi = across
-        return [f"{head}; difference {m:+.4f} bits/byte, 95 % t interval over {len(diffs)} seeds [{lo:+.4f}, {hi:+.4f}]"]
-    on, off = pairs[0]
-    if len(on.bpb_by_sequence) == len(off.bpb_by_sequence) >= 2:
-        paired = mean_interval([a - b for a, b in zip(on.bpb_by_sequence, off.bpb_by_sequence)])
-        m, lo, hi = paired
-        return [f"{head}; difference {diffs[0]:+.4f} bits/byte, paired 95 % t interval over the "
+        basis = f"over {len(diffs)} seeds"
+        line = f"{head}; difference {m:+.4f} bits/byte, 95 % t interval {basis} [{lo:+.4f}, {hi:+.4f}]"
+    elif len(on.bpb_by_sequence) == len(off.bpb_by_sequence) >= 2:
+        _, lo, hi = mean_interval([a - b for a, b in zip(on.bpb_by_sequence, off.bpb_by_sequence)])
+        m, basis = diffs[0], "over the evaluation text only, one seed"
+        line = (f"{head}; difference {m:+.4f} bits/byte, paired 95 % t interval over the "
                 f"{len(on.bpb_by_sequence)} evaluation sequences [{lo:+.4f}, {hi:+.4f}] -- the text's sampling "
-                "noise only: one seed per arm, so seed-to-seed variation is not measured (add --grid train.seed=0,1,2)"]
-    return [f"{head}; difference {diffs[0]:+.4f} bits/byte, no interval (one seed, no per-sequence values)"]
+                "noise only: one seed per arm, so seed-to-seed variation is not measured (add --grid train.seed=0,1,2)")
+    else:
+        return ([f"{head}; difference {diffs[0]:+.4f} bits/byte, no interval (one seed, no per-sequence values)"],
+                f"held-out bits per byte {diffs[0]:+.4f} with memory, no interval")
+    shown = f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}] bits/byte, {basis}"
+    clause = ("the memory lowers held-out bits per byte" if hi < 0 else
+              "the memory raises held-out bits per byte (worse)" if lo > 0 else
+              "held-out bits per byte: no difference the interval can see")
+    return [line], f"{clause}: {shown}"
+
+
+def _conclusion(label: str, bpb: str, rule: str, verdict: str, numbers: list[str]) -> Conclusion:
+    """The recall verdict, then what the memory does to held-out bits per byte."""
+    return Conclusion(label, rule, f"{verdict}; {bpb}", numbers)
 
 
 def _compare(label: str, pairs: list[tuple[Arm, Arm]]) -> Conclusion:
     ons, offs = [on for on, _ in pairs], [off for _, off in pairs]
     multiples = sorted(set.intersection(*(set(a.recall) for a in ons + offs))) if ons else []
-    numbers = _bpb_numbers(pairs)
+    numbers, bpb = _bpb_numbers(pairs)
     seeds = f" over {len(pairs)} seeds" if len(pairs) > 1 else ""
     reach = ons[0].receptive_field
     if reach:
         numbers.append(f"the stacked window attention alone reaches {reach} bytes back (layers x (window - 1)): "
                        "the memory-off arm shows what that buys")
     if not multiples:
-        return Conclusion(label, "5", "cannot tell: no recall test in these runs (data.recall_multiples is empty)",
+        return _conclusion(label, bpb, "5", "cannot tell: no recall test in these runs (data.recall_multiples is empty)",
                           numbers)
     inside = [m for m in multiples if m < 1]
     control = _pool(ons, inside[0]) if inside else None
@@ -205,28 +219,28 @@ def _compare(label: str, pairs: list[tuple[Arm, Arm]]) -> Conclusion:
     if control is None or not control_ok:
         why = "no probe inside the window was tested" if control is None else \
             "the memory-on model does not recall a key even inside its window"
-        return Conclusion(label, "4", f"this sweep cannot tell whether the memory helps: {why} (the positive "
+        return _conclusion(label, bpb, "4", f"this sweep cannot tell whether the memory helps: {why} (the positive "
                                       "control), so a failure further out says nothing about the memory", numbers)
     if not beyond:
-        return Conclusion(label, "5", "cannot tell: no distance of two windows or more was tested", numbers)
+        return _conclusion(label, bpb, "5", "cannot tell: no distance of two windows or more was tested", numbers)
     helps = [b for b in beyond if b[2] > 0]
     hurts = [b for b in beyond if b[3] < 0]
     if helps:
         m, d, lo, hi = max(helps, key=lambda b: b[1])
         where = ", ".join(f"{b[0]:g}" for b in helps)
-        return Conclusion(label, "1", f"the memory helps beyond the window: at {where} window(s) its exact recall is "
+        return _conclusion(label, bpb, "1", f"the memory helps beyond the window: at {where} window(s) its exact recall is "
                                       f"significantly above memory off; most at {m:g} windows, {_pp(d)} "
                                       f"(95 % [{_pp(lo)}, {_pp(hi)}])", numbers)
     if hurts:
         m, d, lo, hi = min(hurts, key=lambda b: b[1])
-        return Conclusion(label, "2", f"the memory hurts recall beyond the window: at {m:g} windows {_pp(d)} "
+        return _conclusion(label, bpb, "2", f"the memory hurts recall beyond the window: at {m:g} windows {_pp(d)} "
                                       f"(95 % [{_pp(lo)}, {_pp(hi)}]) against memory off", numbers)
     if all(-RESOLUTION <= lo and hi <= RESOLUTION for _, _, lo, hi in beyond):
         widest = max(hi for _, _, _, hi in beyond)
-        return Conclusion(label, "3", f"no help beyond the window that this test can see: every difference "
+        return _conclusion(label, bpb, "3", f"no help beyond the window that this test can see: every difference "
                                       f"interval at two windows and more lies within +-{100 * RESOLUTION:.0f} pp "
                                       f"(at most {_pp(widest)})", numbers)
-    return Conclusion(label, "5", "cannot tell: the difference intervals beyond the window are wider than "
+    return _conclusion(label, bpb, "5", "cannot tell: the difference intervals beyond the window are wider than "
                                   f"+-{100 * RESOLUTION:.0f} pp and include 0; more probes (data.recall_trials) "
                                   "or seeds would tell", numbers)
 
