@@ -125,6 +125,18 @@ def interleaved(fns: dict, device: torch.device, rounds: int, iters: int, warmup
     return {name: median(t) for name, t in times.items()}
 
 
+def rounds_parser(description: str, rounds: int = 5):
+    """The options every interleaved-rounds benchmark of Trainer runs takes: device, rounds, timed steps."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    return parser
+
+
 def ratio_interval(numerators: list[float], denominators: list[float],
                    confidence: float = 0.95) -> tuple[float, float, float, float]:
     """Median of the per-round ratios numerators[i] / denominators[i] of interleaved rounds, and a

@@ -20,8 +20,6 @@ The last lines are the summary lines (bench/_common.py).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import _common as C
@@ -46,11 +44,7 @@ def flops_per_token(model: torch.nn.Module, cfg) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
+    parser = C.rounds_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     device = torch.device(args.device)
     preset, overrides, steps, warmup = CASES[device.type]

@@ -52,6 +52,13 @@ def _linear(kind: str, fan_in: int, fan_out: int) -> nn.Module:
     return nn.Sequential(RMSNorm(fan_in), nn.Linear(fan_in, fan_out, bias=False))
 
 
+def gpt2_init(model: nn.Module) -> None:
+    """GPT-2's initialisation, as nanoGPT keeps it: N(0, 0.02) for every matrix and embedding."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
 def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (seq_len, head_dim / 2), float32."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -97,10 +104,7 @@ class BitLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.max_seq_len = max_seq_len
-        # GPT-2's initialisation, as nanoGPT keeps it: N(0, 0.02) for every matrix and embedding
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        gpt2_init(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> next-token logits (B, T, vocab)."""

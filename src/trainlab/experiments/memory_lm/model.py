@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainlab.config import knob
-from trainlab.experiments.bitnet_lm.model import apply_rotary, next_token, rotary_tables
+from trainlab.experiments.bitnet_lm.model import apply_rotary, gpt2_init, next_token, rotary_tables
 from trainlab.nn import RMSNorm
 
 VOCAB = 256  # bytes
@@ -284,10 +284,7 @@ class MemoryLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.max_seq_len = max_seq_len
-        # GPT-2's initialisation, as bitnet_lm: N(0, 0.02) for every matrix and the embedding
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        gpt2_init(self)  # as bitnet_lm: N(0, 0.02) for every matrix and the embedding
 
     def _rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables covering `length` positions, extended (doubling, so generation pays it rarely) when a
