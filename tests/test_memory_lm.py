@@ -74,10 +74,13 @@ def test_smoke_run_logs_bits_per_byte_lambdas_and_recall_with_intervals(smoke_ru
 
 
 def test_memory_off_is_the_same_network_without_memory_parameters(tmp_path, smoke_run):
-    trainlab(*SMOKE, "--set", "model.memory=off", "--set", "train.steps=10", "--run-dir", str(tmp_path / "off"),
-             cwd=tmp_path, check=True)
+    proc = trainlab(*SMOKE, "--set", "model.memory=off", "--set", "train.steps=10", "--run-dir", str(tmp_path / "off"),
+                    cwd=tmp_path, check=True)
     on = next(e for e in read_events(smoke_run / "events.jsonl") if e["kind"] == "start")
     off = next(e for e in read_events(tmp_path / "off" / "events.jsonl") if e["kind"] == "start")
+    # the count is said at the start, with the effective batch
+    assert (f"trainlab: starting off: {off['params']:,} parameters ({off['params_embedding']:,} in embeddings), "
+            "effective batch 4 x 1 = 4, fp32 on cpu") in proc.stderr.splitlines()
     assert on["params"] - off["params"] == 2 * 2 * 2  # a decay and a gate logit per head, 2 heads x 2 layers
     row = [r for r in read_metrics(tmp_path / "off" / "metrics.csv") if r.get("val_bpb") is not None][-1]
     assert row.get("decay_lambda_min") is None and not arrays(tmp_path / "off", "decay_lambda")

@@ -287,9 +287,10 @@ class Trainer:
             self.events.write({"kind": "start", "attempt": self.attempt, "device": str(self.device),
                                "precision": self.precision, "pid": os.getpid(), **counts})
             t = self.cfg.train
-            self._say(f"starting {self.run_dir.name}: {counts['params']:,} parameters ({counts['params_embedding']:,} "
-                      f"in embeddings), effective batch {t.micro_batch} x {t.accum} = {t.micro_batch * t.accum}, "
-                      f"{self.precision} on {self.device}")
+            if self.cfg.log.progress != "off":  # off: the terminal carries only what went wrong
+                self._say(f"starting {self.run_dir.name}: {counts['params']:,} parameters "
+                          f"({counts['params_embedding']:,} in embeddings), effective batch {t.micro_batch} x "
+                          f"{t.accum} = {t.micro_batch * t.accum}, {self.precision} on {self.device}")
             if self.base_lr != self.cfg.optim.lr:
                 self.events.write({"kind": "lr_scaled", "rule": self.cfg.optim.lr_scale,
                                    "width": self.exp.width(self.cfg), "base": self.cfg.optim.lr_scale_base,
