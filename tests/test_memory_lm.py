@@ -205,6 +205,8 @@ def test_preflight_refuses_three_steps_and_tells_a_drop_toward_the_frequencies_f
     # 20 steps of the smoke model fall from ln 256 = 5.55 but stay above the text's byte entropy (3.29 nats)
     assert learning["verdict"] == "warn" and "output frequencies" in learning["value"]
     assert "context-free level 3.29" in learning["evidence"]
+    disk = next(c for c in result["claims"] if c["name"] == "checkpoint disk")
+    assert disk["verdict"] == "pass" and "per checkpoint; ckpt.keep 2 retains at most 2" in disk["value"]
 
 
 def test_memory_off_points_pair_whatever_their_unused_memory_knobs_but_not_across_seeds():

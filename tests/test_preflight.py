@@ -508,3 +508,24 @@ def test_a_malformed_verdict_file_is_a_usage_error_of_trainlab_report(text: str,
     assert line.count("\n") == 0 and line.startswith("trainlab: error: run directory run: a saved verdict file is "
                                                      "malformed (") and says in line, line
     assert out.after == out.before  # no report written
+
+
+def test_checkpoint_disk_claim_counts_what_the_retention_keeps_against_the_free_space(tmp_path: Path, monkeypatch):
+    import collections
+
+    from trainlab.health import preflight
+
+    step = tmp_path / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"\0" * 3 * 1024**2)
+    (step / "state.pt").write_bytes(b"\0" * 1024**2)
+    cfg = load_target("modadd", "smoke", ["ckpt.keep=3", "ckpt.best_metric=val_loss", "ckpt.every=10"], None)[1]
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(0, 0, 1024**3))
+    claim = preflight._checkpoint_disk_claim(tmp_path, cfg, planned_steps=100)
+    assert claim.verdict == "pass", claim
+    assert claim.value == ("4 MB per checkpoint; ckpt.keep 3 + the best retains at most 4: 16 MB of 1 GB free "
+                           "(keeping all 10 of a checkpoint every 10 steps would take 40 MB)")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(0, 0, 15 * 1024**2))
+    assert preflight._checkpoint_disk_claim(tmp_path, cfg, planned_steps=100).verdict == "fail"
+    assert preflight._checkpoint_disk_claim(tmp_path / "none", cfg, 100).verdict == "not measured"
