@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -359,7 +360,8 @@ def heatmap_chart(values: Sequence[Sequence[float]], title: str, row_labels: Seq
     row_labels = [str(r) for r in row_labels] if row_labels else [str(i) for i in range(rows)]
     col_labels = [str(c) for c in col_labels] if col_labels else [str(j) for j in range(cols)]
     with matplotlib.rc_context(STYLE):
-        fig = _new_figure((max(4.0, 1.8 + 0.19 * cols), max(2.2, 1.2 + 0.19 * rows)), layout="constrained")
+        width = max(4.0, 1.8 + 0.19 * cols)
+        fig = _new_figure((width, max(2.2, 1.2 + 0.19 * rows)), layout="constrained")
         ax = fig.add_subplot()
         mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap="Blues", norm=Normalize(vmin=lo, vmax=hi),
                              edgecolors="none", gid="cells")
@@ -370,7 +372,8 @@ def heatmap_chart(values: Sequence[Sequence[float]], title: str, row_labels: Seq
         ax.set_xticks([j + 0.5 for j in shown], [_plain(col_labels[j]) for j in shown])
         ax.set_yticks([i + 0.5 for i in range(rows)], [_plain(r) for r in row_labels])
         ax.tick_params(length=0)
-        ax.set_title(_plain(title), fontsize=10)
+        # over the whole figure, wrapped to its width: a few columns make a narrow axes that clipped the title
+        fig.suptitle("\n".join(textwrap.wrap(_plain(title), max(20, int(width * 13)))), fontsize=10)
         ax.set_xlabel(_plain(x_label))
         ax.set_ylabel(_plain(y_label))
         # 32 steps of colour: smooth to the eye, and few shapes (matplotlib would embed a long bar as a bitmap)

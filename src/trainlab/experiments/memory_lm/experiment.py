@@ -72,7 +72,7 @@ class MemoryLMExperiment(LanguageModelExperiment):
                     "mix_gate_mean") + recall_metric_names()
     default_preset = "quick"
     heatmaps = {"retention_1024": {
-        "title": "retention after 1,024 bytes (lambda^1024) of every head", "lo": 0.0, "hi": 1.0,
+        "title": "lambda^1024 by head", "lo": 0.0, "hi": 1.0,
         "x_label": "head", "y_label": "layer", "value_label": "lambda^1024"}}
     presets = {
         "smoke": Preset("seconds on CPU, for tests: d_model 32, 2 layers, window 32, 64-byte sequences", {
