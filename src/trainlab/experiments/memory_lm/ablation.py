@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainlab.engine.logs import ARRAYS_FILE, read_events
-from trainlab.experiments.memory_lm.recall import wilson_interval
+from trainlab.experiments.memory_lm.recall import KEY_END, QUERY, wilson_interval
 from trainlab.health.stats import t_quantile
 from trainlab.sweep.report import Conclusion, PointResult, SweepFindings, is_complete, left_out_text
 
@@ -42,6 +42,7 @@ SEED_KEY = "train.seed"
 CONTROL_LEVEL = 0.10  # the positive control passes when exact recall inside the window is surely above 10 %
 RESOLUTION = 0.10  # "no help" needs the whole difference interval within +-10 percentage points
 BEYOND = 2.0  # distances from two windows on are beyond the window (one window is its edge)
+TEMPLATE_BYTES = len(KEY_END) + len(QUERY)  # what the shortest probe holds besides the key
 
 
 @dataclass
@@ -67,9 +68,10 @@ class Arm:
     window: int = 0  # model.window (0: full attention)
 
 
-def _last_array(run_dir: Path, name: str) -> dict | None:
-    records = [r for r in read_events(run_dir / ARRAYS_FILE) if r.get("name") == name and not r.get("tag")]
-    return records[-1] if records else None
+def _last_arrays(run_dir: Path) -> dict[str, dict]:
+    """The last record of each array in eval_arrays.jsonl (periodic and final evaluations only: a curriculum
+    phase's end is tagged), read once."""
+    return {r["name"]: r for r in read_events(run_dir / ARRAYS_FILE) if r.get("name") and not r.get("tag")}
 
 
 def read_arm(p: PointResult) -> Arm | None:
@@ -81,13 +83,14 @@ def read_arm(p: PointResult) -> Arm | None:
     bpb = [r["val_bpb"] for r in rows if isinstance(r.get("val_bpb"), (int, float))]
     lo = [r["memory_horizon_min"] for r in rows if isinstance(r.get("memory_horizon_min"), (int, float))]
     hi = [r["memory_horizon_max"] for r in rows if isinstance(r.get("memory_horizon_max"), (int, float))]
-    per_sequence = _last_array(p.run_dir, "val_bpb_by_sequence")
+    arrays = _last_arrays(p.run_dir)
+    per_sequence = arrays.get("val_bpb_by_sequence")
     arm = Arm(p, bool(cfg.model.memory), bpb[-1] if bpb else None,
               list(per_sequence["values"]) if per_sequence else [],
               horizons=(lo[-1], hi[-1]) if lo and hi else None,
               receptive_field=cfg.model.layers * (cfg.model.window - 1) if cfg.model.window else None,
               window=cfg.model.window)
-    table = _last_array(p.run_dir, "recall")
+    table = arrays.get("recall")
     if table:
         width = table["shape"][1]
         values = table["values"]
@@ -194,7 +197,8 @@ def _compare(label: str, pairs: list[tuple[Arm, Arm]]) -> Conclusion:
     if control is not None and window and control.distance >= window:
         # the shortest probe (key + template) is longer than half a small window: no longer inside it
         numbers.append(f"positive control: not measured -- the {inside[0]:g}-window probe is {control.distance} "
-                       f"bytes, not inside the {window}-byte window (a probe needs the key and 15 bytes of template)")
+                       f"bytes, not inside the {window}-byte window (a probe needs the key and {TEMPLATE_BYTES} bytes "
+                       "of template)")
         control = None
     elif control is None:
         numbers.append("positive control: not measured -- no distance inside the window was tested "

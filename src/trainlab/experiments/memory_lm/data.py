@@ -17,7 +17,7 @@ import torch
 
 from trainlab.config import knob
 from trainlab.experiments.bitnet_lm.data import EMBEDDED, TextStream
-from trainlab.experiments.memory_lm.recall import DIGITS, LETTERS, build_probes, plant_in_batch, trials_to_tell
+from trainlab.experiments.memory_lm.recall import DIGITS, LETTERS, build_probes, plant_in_batch
 
 ALPHABETS = {"digits": DIGITS, "letters": LETTERS}
 
@@ -53,10 +53,6 @@ def recall_unit(cfg) -> int:
     return cfg.model.window or cfg.data.seq_len
 
 
-def recall_trials(cfg) -> int:
-    return cfg.data.recall_trials or trials_to_tell()
-
-
 class MemoryTextStream(TextStream):
     """bitnet_lm's training windows, with recall practice planted into data.recall_share of them (drawn from the
     same generator after the window offsets: still a pure function of (seed, step, micro))."""
@@ -67,8 +63,8 @@ class MemoryTextStream(TextStream):
         self.alphabet = ALPHABETS[d.recall_alphabet]
         # kept on the host: score_recall moves each batch of probes to the device as it scores it
         self.probes = [] if not d.recall_multiples else build_probes(
-            self.corpus.val, recall_unit(cfg), recall_trials(cfg), d.recall_key_len, self.alphabet, d.recall_seed,
-            tuple(d.recall_multiples))
+            self.corpus.val, recall_unit(cfg), d.recall_trials or None, d.recall_key_len, self.alphabet,
+            d.recall_seed, tuple(d.recall_multiples))  # None: build_probes' default, trials_to_tell()
 
     def batch(self, step: int, micro: int, level: float | None):
         windows = self.windows(step, micro)
