@@ -213,6 +213,7 @@ def test_the_child_does_not_outlive_a_watcher_killed_with_sigkill(tmp_path):
     (["--log", "log.csv", "--policy", "divergense=stop"], "NAME one of: nonfinite, divergence"),
     (["--log", "log.csv", "--policy", "divergence=rollback"], "allowed policies: warn, stop"),
     (["--log", "log.csv", "--policy", "grokking=stop"], "grokking takes only warn"),
+    (["--log", "log.csv", "--policy", "jump=stop"], "jump takes only warn"),
     (["--log", "log.csv", "--stop-signal", "KILL9"], "allowed: INT, TERM"),
     (["--log", "log.csv", "--poll", "0"], "--poll 0.0"),
     (["--log", "log.csv", "--baseline", "ce:1"], "--baseline ce:1"),

@@ -220,6 +220,8 @@ class HealthConfig:
     collapse: Policy = knob("warn", "collapse_metric below collapse_min, rank_metric falling, or bounds violated")
     grad_regime: Policy = knob("warn", "a change of the gradient-norm level by grad_regime_ratio or more")
     grokking: Literal["off", "warn"] = knob("warn", "report memorisation and generalisation steps (an event, no action)")
+    jump: Literal["off", "warn"] = knob("warn", "report a sudden change of a metric named in jumps after a plateau (a "
+                                                "phase transition; an event, no action)")
     overfitting: Literal["off", "warn", "stop"] = knob(
         "warn", "memorising, not generalising: the training metric high while the validation metric stays far below "
                 "it, or the validation loss rising while the training loss does not (stop: early stopping)")
@@ -249,6 +251,13 @@ class HealthConfig:
     grok_val_metric: str = knob("val_acc", "validation accuracy metric for grokking")
     grok_train_level: float = knob(0.99, "training accuracy that marks memorisation", gt=0, le=1)
     grok_val_level: float = knob(0.9, "validation accuracy that marks generalisation", gt=0, le=1)
+    jumps: dict[str, float] = knob(factory=dict, help=(
+        "logged metrics the jump detector watches, each with the least absolute change that counts as a jump, e.g. "
+        "{coverage: 0.05, hierarchy: 0.05}; empty = none (0 = the noise rule alone)"), ge=0)
+    jump_window: int = knob(8, "values of a metric that a jump is measured against: their median without a "
+                               "Mann-Kendall trend (a plateau), else their Theil-Sen line (a trend needs 6 values "
+                               "to be found at alpha 0.01)", ge=6)
+    jump_z: float = knob(6.0, "a jump lies this many sigma of the window's noise beyond its level", gt=0)
     overfit_train_metric: str = knob("acc", "training accuracy-like metric (higher is better) for overfitting")
     overfit_val_metric: str = knob("val_acc", "its held-out counterpart")
     overfit_train_level: float = knob(0.95, "overfitting needs the training metric at or above this", gt=0, le=1)

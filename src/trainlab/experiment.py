@@ -167,6 +167,10 @@ class Experiment(abc.ABC):
             if metric not in logged:
                 raise ConfigError(f"health.targets[{i}]", f"{metric!r} is not a logged metric of {self.name}; "
                                   f"allowed: {', '.join(logged)}")
+        for metric in cfg.health.jumps:
+            if metric not in logged:
+                raise ConfigError(f"health.jumps.{metric}", f"{metric!r} is not a logged metric of {self.name}; "
+                                  f"allowed: {', '.join(logged)}")
 
     @abc.abstractmethod
     def build_model(self, cfg: Any) -> nn.Module:

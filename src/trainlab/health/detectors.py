@@ -7,8 +7,9 @@ A detector fires when its condition begins and re-arms once it clears, so a cond
 is one alert, not one per row.  The same objects run offline over metrics.csv (`trainlab check`).
 
 Statistics come from health/stats.py: Mann-Kendall with the Hamed-Rao autocorrelation correction
-for trends, batch means for "is the level at the baseline", a trend-robust jump z for spikes, and a
-two-segment likelihood ratio for gradient-norm regime changes.
+for trends, batch means for "is the level at the baseline", a trend-robust jump z for spikes, a
+two-segment likelihood ratio for gradient-norm regime changes, and for the jump detector (a phase
+transition of any metric named in health.jumps) a robust z against a trend-free plateau's noise.
 
 The baseline (the loss of a random guess) may be None, for a log that trainlab did not write and
 was checked without one: the stuck detector then judges nothing ("no baseline"), divergence only
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -405,6 +406,238 @@ class Grokking(Detector):
                            val_at_memorisation=self.val_at_memorisation)]
 
 
+# The window a jump is measured against is traced back, for the report, over at most this many values
+# since the last jump (how long the metric had been flat; the test itself uses the window only).
+JUMP_HISTORY_VALUES = 256
+# The noise of a perfectly flat plateau (coverage exactly 0.3 eight times) is 0; the threshold uses at
+# least this fraction of the plateau's level (plus an absolute 1e-12), the size of rounding, so that a
+# float's last bit is no jump while any real change from an exact plateau is.
+JUMP_NOISE_FLOOR = 1e-9
+
+
+def _plateau_noise(residuals: np.ndarray, history: list[float]) -> float:
+    """How far a value strays from the window's level by chance: the larger of the row-to-row noise of
+    every value since the last jump (stats.row_noise: 1.4826 MAD of successive differences / sqrt 2,
+    which a slow trend does not inflate) and the window's own spread about its level (1.4826 MAD of
+    the residuals).  Either alone is too small too often: seven differences give a MAD so variable
+    that 6 sigma of it fired 43 times in 20 white-noise series of 1000 values, and differences miss
+    the wander of an autocorrelated level (AR(1) phi 0.9: 491 times); see docs/health.md for the two
+    together."""
+    spread = 1.4826 * float(np.median(np.abs(residuals - np.median(residuals))))
+    return max(stats.row_noise(history), spread)
+
+
+class _Level(NamedTuple):
+    """What the window says the next values should be: a plateau (its median, slope 0) or, when
+    Mann-Kendall finds a trend, the Theil-Sen line through it; with its noise."""
+
+    intercept: float  # the level at the window's first value
+    slope: float  # per value; 0.0 for a plateau
+    trend: stats.TrendTest | None  # Mann-Kendall's on the window, once a value came beyond a level
+    noise: float
+    n: int
+
+    def at(self, index: int) -> float:
+        return self.intercept + self.slope * index
+
+    def threshold(self, index: int, z: float) -> float:
+        """z x the noise of a new value about the level predicted at `index` (0 = the window's first
+        value): the noise scaled by the prediction error of the level -- sqrt(1 + pi / 2n) for a median,
+        the least-squares prediction factor sqrt(1 + 1/n + (index - mean)^2 / Sxx) for a line."""
+        floor = JUMP_NOISE_FLOOR * abs(self.at(index)) + 1e-12
+        if self.slope == 0.0:
+            factor = math.sqrt(1.0 + math.pi / (2 * self.n))
+        else:
+            centre = (self.n - 1) / 2
+            sxx = self.n * (self.n * self.n - 1) / 12
+            factor = math.sqrt(1.0 + 1.0 / self.n + (index - centre) ** 2 / sxx)
+        return z * max(self.noise, floor) * factor
+
+
+class _Candidate(NamedTuple):
+    """The first value beyond its window's level, waiting for the next value to confirm it."""
+
+    step: int
+    value: float
+    level: _Level
+    least: float
+    window: list[tuple[int, float]]
+    history: list[tuple[int, float]]  # every value since the last jump, before this one
+
+    def beyond(self, value: float, index: int, z: float) -> bool:
+        """`value` (the window's `index`-th value) lies beyond the level on this candidate's side by both
+        thresholds."""
+        up = self.value > self.level.at(len(self.window))
+        change = (value - self.level.at(index)) * (1.0 if up else -1.0)
+        return change > self.level.threshold(index, z) and change >= self.least
+
+
+class _JumpSeries:
+    """One metric's state: its values since the last jump and what has been reported."""
+
+    def __init__(self) -> None:
+        self.values: deque[tuple[int, float]] = deque(maxlen=JUMP_HISTORY_VALUES)
+        self.pending: _Candidate | None = None
+        self.seen = 0  # finite values
+        self.judged = 0  # values compared with a full window
+        self.jumps: list[dict] = []  # each reported jump's evidence
+
+
+class Jump(Detector):
+    """A sudden change of a metric after a plateau (a phase transition): for each metric named in
+    health.jumps, a value beyond the level of its last jump_window values by more than jump_z x their
+    noise and by at least the metric's least change, confirmed by the next value.
+
+    A metric's series is its finite values in the rows that carry it (an evaluation metric's evaluation
+    rows).  The level is the window's median when Mann-Kendall finds no trend in it at health.alpha (a
+    plateau), else the Theil-Sen line through it, extrapolated: a steady climb is followed, not taken
+    for a jump, and a creep that ends in a leap (modadd's val_acc, 0.30 -> 0.36 over eight evaluations,
+    then 0.84) is still one.  The noise is _plateau_noise, scaled by the level's own prediction error.
+    The next finite value must lie beyond the same level on the same side, so a one-row spike is no
+    jump; the alert comes at that row, names the step of the first value beyond, and the window starts
+    again from the value reached: one alert per transition, and a later one is reported too.  Warm-up:
+    jump_window values of the metric (from the start, or from the last jump); latency: one value."""
+
+    name, severity = "jump", "info"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.series = {metric: _JumpSeries() for metric in self.cfg.jumps}
+
+    def test_text(self) -> str:
+        """The test, in words, for the alert's evidence and the claim."""
+        cfg = self.cfg
+        return (f"robust z against the window's level (its median without a Mann-Kendall trend at alpha "
+                f"{cfg.alpha:g}, else its Theil-Sen line) and noise (the larger of the row-to-row noise since the last "
+                f"jump, 1.4826 MAD of successive differences / sqrt 2, and the window's 1.4826 MAD about its level) "
+                f"> health.jump_z={cfg.jump_z:g}, and a change of at least health.jumps per metric, confirmed by the "
+                f"next value; window: the last health.jump_window={cfg.jump_window} values")
+
+    def unjudged_reason(self, rows: int) -> str:
+        counts = ", ".join(f"{m} {s.seen} value{'s' if s.seen != 1 else ''}" for m, s in self.series.items())
+        return (f"never judged: {counts} in {rows} rows; a plateau needs health.jump_window={self.cfg.jump_window} "
+                "values before the next")
+
+    def update(self, step, row):
+        out = []
+        z = self.cfg.jump_z
+        for metric, least in self.cfg.jumps.items():
+            value = _num(row, metric)
+            if value is None or not math.isfinite(value):
+                continue
+            series = self.series[metric]
+            series.seen += 1
+            candidate, series.pending = series.pending, None
+            if candidate is not None:
+                if candidate.beyond(value, len(candidate.window) + 1, z):
+                    out.append(self._report(metric, series, candidate, step, value))
+                    series.values.clear()  # the window starts again from the value reached
+                    series.values.append((step, value))
+                    continue
+                series.values.append((candidate.step, candidate.value))  # a one-value excursion: part of the series
+            if len(series.values) >= self.cfg.jump_window:
+                self.checked += 1
+                series.judged += 1
+                series.pending = self._candidate(series, least, step, value)
+                if series.pending is not None:
+                    continue
+            series.values.append((step, value))
+        return out
+
+    def _candidate(self, series: _JumpSeries, least: float, step: int, value: float) -> _Candidate | None:
+        """`value` as a jump candidate against the window before it, or None.  Mann-Kendall (which
+        chooses between the plateau and the line) runs only for a value beyond the median's threshold
+        or the line's, so a quiet series costs a median, a MAD and 28 pairwise slopes per value."""
+        history = list(series.values)
+        window = history[-self.cfg.jump_window:]
+        y = np.array([v for _, v in window])
+        n, x = len(y), np.arange(len(window), dtype=np.float64)
+        i, j = np.triu_indices(n, 1)
+        slope = float(np.median((y[j] - y[i]) / (j - i)))  # Theil-Sen
+        since_jump = [v for _, v in history]
+
+        def level_of(intercept: float, per_value: float) -> _Level:
+            return _Level(intercept, per_value, None, _plateau_noise(y - (intercept + per_value * x), since_jump), n)
+
+        def beyond(level: _Level) -> bool:
+            change = abs(value - level.at(n))
+            return change > level.threshold(n, self.cfg.jump_z) and change >= least
+
+        plateau, line = level_of(float(np.median(y)), 0.0), level_of(float(np.median(y - slope * x)), slope)
+        if not (beyond(plateau) or beyond(line)):
+            return None
+        trend = stats.mann_kendall(y, alpha=self.cfg.alpha)
+        level = (line if trend.significant else plateau)._replace(trend=trend)
+        if not beyond(level):
+            return None
+        return _Candidate(step, value, level, least, window, history)
+
+    def _plateau(self, candidate: _Candidate) -> list[tuple[int, float]]:
+        """The values a plateau held before the jump: the window, extended back a window at a time
+        through the values since the last jump for as long as Mann-Kendall finds no trend in them (the
+        window alone when it has a trend)."""
+        history, size = candidate.history, len(candidate.window)
+        best = candidate.window
+        if candidate.level.slope != 0.0:
+            return best
+        while size < len(history):
+            size = min(size + self.cfg.jump_window, len(history))
+            longer = history[-size:]
+            if stats.mann_kendall([v for _, v in longer], alpha=self.cfg.alpha).significant:
+                break
+            best = longer
+        return best
+
+    def _report(self, metric: str, series: _JumpSeries, candidate: _Candidate, step: int, value: float) -> dict:
+        level, n = candidate.level, len(candidate.window)
+        plateau = self._plateau(candidate)
+        before = level.at(n)  # the level the window predicted at the jump's step
+        size = value - before
+        flat = level.noise < JUMP_NOISE_FLOOR * abs(before) + 1e-12
+        z = None if flat else abs(size) / level.noise
+        sigmas = "plateau exactly flat" if z is None else f"{format_number(z, 3)} noise sigmas"
+        if level.slope == 0.0:
+            over = f" over its last {n}" if len(plateau) > n else ""
+            after = (f"after a plateau of {len(plateau)} values (steps {plateau[0][0]}-{plateau[-1][0]}, noise "
+                     f"{format_number(level.noise)}{over})")
+        else:
+            after = (f"after a steady trend of {'+' if level.slope > 0 else ''}{format_number(level.slope)} per value "
+                     f"over {n} values (steps {plateau[0][0]}-{plateau[-1][0]}, noise {format_number(level.noise)})")
+        evidence = dict(
+            metric=metric, jump_step=candidate.step, confirm_step=step, level_before=before,
+            first_value=candidate.value, value=value, size=size, z=z, noise=level.noise,
+            threshold=max(level.threshold(n, self.cfg.jump_z), candidate.least),
+            least_change=candidate.least, window_kind="plateau" if level.slope == 0.0 else "trend",
+            slope_per_value=level.slope, trend_p_value=level.trend.p_value,
+            plateau_values=len(plateau), plateau_first_step=plateau[0][0], plateau_last_step=plateau[-1][0],
+            plateau_steps=plateau[-1][0] - plateau[0][0], window_values=n, test=self.test_text())
+        series.jumps.append(evidence)
+        sign = "+" if size > 0 else ""
+        return self.alert(step, f"jump: {metric} {format_number(before)} -> {format_number(value)} "
+                                f"({sign}{format_number(size)}, {sigmas}) at step {candidate.step} {after}", **evidence)
+
+    def claim_value(self) -> str:
+        """The jumps found per metric, for the check's claim ("not observed: ..." when none was)."""
+        parts = []
+        for metric, series in self.series.items():
+            if series.jumps:
+                found = ", ".join(f"{format_number(j['level_before'])} -> {format_number(j['value'])} at step "
+                                  f"{j['jump_step']} ({'+' if j['size'] > 0 else ''}{format_number(j['size'])})"
+                                  for j in series.jumps)
+                text = f"{metric}: {len(series.jumps)} jump{'s' if len(series.jumps) > 1 else ''}, {found}"
+            elif series.judged:
+                text = f"{metric}: no jump in {series.judged} judged values"
+            else:
+                text = f"{metric}: not judged ({series.seen} values, a window needs {self.cfg.jump_window})"
+            if series.pending is not None:
+                p = series.pending
+                text += (f"; its last value {format_number(p.value)} at step {p.step} lies beyond its window's level "
+                         f"{format_number(p.level.at(len(p.window)))}, unconfirmed (no later value)")
+            parts.append(text)
+        found_any = any(s.jumps for s in self.series.values())
+        return ("" if found_any else "not observed: ") + "; ".join(parts)
+
+
 OVERFIT_MIN_VAL_ROWS = 8  # validation rows before the loss rule judges (Mann-Kendall at alpha 0.01 needs 6 or more)
 # validation rows in a row past the gap (the docstring says "two"): one evaluation knocked down by a
 # spike is no overfitting
@@ -531,7 +764,7 @@ class GradRegime(Detector):
                                  f"{len(self.norms) - cp.index} rows ago", ratio=ratio, llr=cp.llr)]
 
 
-DETECTORS = (NonFinite, Divergence, Spike, Plateau, StuckAtBaseline, Collapse, Grokking, Overfitting, GradRegime)
+DETECTORS = (NonFinite, Divergence, Spike, Plateau, StuckAtBaseline, Collapse, Grokking, Overfitting, GradRegime, Jump)
 
 
 def policy_of(cfg: HealthConfig, name: str) -> str:

@@ -49,6 +49,16 @@ def detector_names() -> list[str]:
     return [cls.name for cls in DETECTORS]
 
 
+def _config_policies(name: str) -> tuple[str, ...]:
+    """The policies health.<name> accepts (nonfinite, which has no field, always stops)."""
+    import typing
+
+    from trainlab.config import HealthConfig
+
+    hint = typing.get_type_hints(HealthConfig).get(name)
+    return typing.get_args(hint) if hint is not None else ("stop",)
+
+
 def parse_policies(items: list[str]) -> dict[str, str]:
     """--policy NAME=warn|stop (repeatable) -> {detector: policy}, every detector warn unless named."""
     names = detector_names()
@@ -61,8 +71,8 @@ def parse_policies(items: list[str]) -> dict[str, str]:
         if value not in WATCH_POLICIES:
             raise UsageError(f"--policy {item}: allowed policies: {', '.join(WATCH_POLICIES)} (rollback needs "
                              "trainlab's own trainer)")
-        if name == "grokking" and value == "stop":
-            raise UsageError(f"--policy {item}: grokking takes only warn (it reports an event, not a fault)")
+        if value == "stop" and "stop" not in _config_policies(name):
+            raise UsageError(f"--policy {item}: {name} takes only warn (it reports an event, not a fault)")
         policies[name] = value
     return policies
 
