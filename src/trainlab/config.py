@@ -72,7 +72,9 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "lion"] = knob("adamw", "optimizer")
+    name: Literal["adamw", "lion", "riemannian_adam"] = knob(
+        "adamw", "optimizer: adamw; lion; riemannian_adam (geoopt's RiemannianAdam: Adam that keeps manifold "
+                 "parameters on their manifold, plain Adam with coupled L2 weight decay on the others; needs geoopt)")
     lr: float = knob(1e-3, "peak learning rate", gt=0)
     weight_decay: float = knob(0.0, "decoupled weight decay", ge=0)
     betas: tuple[float, float] = knob((0.9, 0.999), "momentum coefficients (beta1, beta2)", ge=0, lt=1)
@@ -88,11 +90,20 @@ class OptimConfig:
         "none", "scale the LR with the model's width: sqrt = optim.lr x sqrt(lr_scale_base / width) (the BitNet size study's "
                 "follow-up for wide ternary models); the width is the experiment's (bitnet_lm: model.hidden)")
     lr_scale_base: int = knob(256, "the width at which lr_scale leaves optim.lr unchanged", ge=1)
+    lr_factors: dict[str, float] = knob(factory=dict, help=(
+        "LR multipliers by parameter-name prefix, each prefix its own parameter group, e.g. {encoder_b.: 0.1}; the "
+        "longest matching prefix wins, a prefix that matches no parameter is refused"), gt=0)
 
     def check(self, prefix: str) -> None:
         """Cross-field rules, after every field passed its own."""
         if self.momentum_dtype == "bf16" and self.name != "lion":
             raise ConfigError(f"{prefix}.momentum_dtype", "bf16 is supported with optim.name=lion only")
+        if self.galore_rank > 0 and self.name == "riemannian_adam":
+            raise ConfigError(f"{prefix}.galore_rank", f"GaLore projects the gradients of adamw and lion only; got "
+                                                       f"{self.galore_rank} with optim.name=riemannian_adam (0 = off)")
+        for name, factor in self.lr_factors.items():
+            if not math.isfinite(factor):  # the field's bound already refuses <= 0
+                raise ConfigError(f"{prefix}.lr_factors.{name}", f"must be a finite number > 0, got {factor!r}")
 
 
 @dataclass

@@ -11,7 +11,9 @@ An experiment is one package that the engine knows nothing special about.  It su
 - `baseline_loss(cfg)`: the loss of an honest random guess (ln 2 per bit, ln V per token);
 - `evaluate(model, data, cfg, level)` -> held-out metrics as 0-d device tensors (optional);
 - `extra_updates(cfg)` -> a second (third...) optimizer over part of the model, stepped on its own
-  schedule with its own loss: a GAN's critic, say (optional; see ExtraUpdate).
+  schedule with its own loss: a GAN's critic, say (optional; see ExtraUpdate);
+- `callbacks(cfg)` -> callbacks of its own that steer its runs (freezing parts of the model, say;
+  optional).
 
 Nothing in engine/ changes for a new experiment, nor anything here: it is named by a reference to
 the user's own file or module (`path/to/file.py:NAME`, `package.module:NAME`), registered by an
@@ -204,6 +206,13 @@ class Experiment(abc.ABC):
     def extra_updates(self, cfg: Any) -> list[ExtraUpdate]:
         """Optimizers besides the main one, each over its own parameters on its own schedule
         (ExtraUpdate).  None by default."""
+        return []
+
+    def callbacks(self, cfg: Any) -> list:
+        """Callbacks (trainlab.Callback) this experiment's runs get -- preflight's too -- after
+        trainlab's own detectors and before the user's: what steers a run of this experiment in ways the
+        engine must not know about (the ternary VAE's homeostasis controller, which freezes and unfreezes
+        parts of the model).  Their state rides in every checkpoint as any callback's does.  None by default."""
         return []
 
     def commands(self) -> dict[str, RunCommand]:

@@ -17,6 +17,7 @@ from trainlab.config import RunConfig
 from trainlab.engine.callbacks import Callback, load_callback
 from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.memory import refuse_if_it_cannot_fit
+from trainlab.optim import check_parameter_groups
 from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside, read_run_config, read_status
 from trainlab.engine.trainer import RunResult, Trainer
 from trainlab.errors import UsageError, brief
@@ -91,11 +92,12 @@ def _read_saved_config(run_dir: Path) -> dict | None:
 
 def run_watchers(cfg: RunConfig, experiment: Experiment, run_dir: Path) -> list[Callback]:
     """The callbacks every run trainlab trains gets (preflight's too): the live health detectors
-    and their policies, and the heatmaps of the experiment's 2-D evaluation arrays."""
+    and their policies, the heatmaps of the experiment's 2-D evaluation arrays, and the experiment's
+    own (Experiment.callbacks)."""
     from trainlab.health.monitor import HealthMonitor
     from trainlab.report.heatmap import HeatmapWriter
 
-    return [HealthMonitor(cfg, experiment.baseline_loss(cfg)), HeatmapWriter(run_dir)]
+    return [HealthMonitor(cfg, experiment.baseline_loss(cfg)), HeatmapWriter(run_dir), *experiment.callbacks(cfg)]
 
 
 class RunReport(Callback):
@@ -157,6 +159,7 @@ class Launch:
         # a model whose weights, gradients and optimizer state alone exceed the memory could only fail
         # after allocating; built on the meta device (milliseconds), before the run directory exists
         refuse_if_it_cannot_fit(self.experiment, cfg, self.device)
+        check_parameter_groups(self.experiment, cfg)
         if not has_run(run_dir):
             return
         if fresh:

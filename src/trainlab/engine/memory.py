@@ -136,7 +136,7 @@ def _optimizer_state_bytes(optim, params: list[torch.nn.Parameter]) -> tuple[int
     weight keeps its moments at rank r (r x n or m x r, float32) and its projection (min(m, n) x r)."""
     from trainlab.optim.galore import _low_rank_shape, _projected
 
-    states = 2 if optim.name == "adamw" else 1
+    states = 1 if optim.name == "lion" else 2  # AdamW and RiemannianAdam: two moments
     moment_size = 2 if optim.name == "lion" and optim.momentum_dtype == "bf16" else None
     total = 0
     for p in params:
@@ -145,7 +145,7 @@ def _optimizer_state_bytes(optim, params: list[torch.nn.Parameter]) -> tuple[int
             total += states * rows * cols * (moment_size or 4) + min(p.shape) * optim.galore_rank * 4
         else:
             total += states * p.numel() * (moment_size or p.element_size())
-    name = {"adamw": "AdamW", "lion": "Lion"}.get(optim.name, optim.name)
+    name = {"adamw": "AdamW", "lion": "Lion", "riemannian_adam": "RiemannianAdam"}.get(optim.name, optim.name)
     words = f"{name}'s {states} state{'s' if states > 1 else ''}" + (" (GaLore)" if optim.galore_rank else "")
     return total, words
 

@@ -444,7 +444,7 @@ class Trainer:
         weight_decay = cfg.optim.weight_decay * schedules.weight_decay_multiplier(cfg.schedule, self.step,
                                                                                 self.schedule_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_factor", 1.0)  # optim.lr_factors: a group's own multiple
             if group.get("decays"):
                 group["weight_decay"] = weight_decay
         self.last_weight_decay = weight_decay
@@ -706,7 +706,11 @@ class Trainer:
         ("" when it reached train.steps).  A stop raises."""
         cfg = self.cfg
         total = cfg.train.steps
-        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in self.extra_params]
+        # the optimizer's parameters, frozen or not: a part a callback froze (requires_grad off, so no
+        # gradient) and later unfreezes must be clipped again, and a resume with it frozen must clip the
+        # same set as the uninterrupted run did; the model's order, which the gradient norm sums in
+        stepped = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        params = [p for p in self.model.parameters() if id(p) in stepped]
         self._t0 = self._last_log_t = time.monotonic()
         self._last_log_step = self._loop_start_step = self.step
         while self.step < total or self._rollback_request is not None:
