@@ -231,6 +231,8 @@ class HealthConfig:
     collapse: Policy = knob("warn", "collapse_metric below collapse_min, rank_metric falling, or bounds violated")
     grad_regime: Policy = knob("warn", "a change of the gradient-norm level by grad_regime_ratio or more")
     grokking: Literal["off", "warn"] = knob("warn", "report memorisation and generalisation steps (an event, no action)")
+    milestone: Literal["off", "warn"] = knob("warn", "report the step at which each goal of health.targets is first "
+                                                     "reached (an event, no action)")
     jump: Literal["off", "warn"] = knob("warn", "report a sudden change of a metric named in jumps after a plateau (a "
                                                 "phase transition; an event, no action)")
     overfitting: Literal["off", "warn", "stop"] = knob(
@@ -283,7 +285,8 @@ class HealthConfig:
     targets: list[str] = knob(factory=list, help=(
         "goals of the run that trainlab preflight projects to the planned step, each 'METRIC OP LEVEL' with OP one "
         "of >=, <=, >, < and METRIC a logged metric, e.g. [\"val_acc>=0.9\"]; READY needs every one projected to "
-        "be reached (besides the curriculum's gate). trainlab run does not act on them"))
+        "be reached (besides the curriculum's gate). trainlab run reports the step each is first reached at "
+        "(health.milestone) and does not act on them"))
 
     def check(self, prefix: str) -> None:
         """Each target must parse; whether its metric is logged, the experiment checks (check_config)."""

@@ -51,6 +51,8 @@ def _needs(h, name: str, columns: set[str]) -> str | None:
                                       or (h.overfit_val_loss and h.overfit_val_loss in columns)):
         loss = f", nor {h.overfit_val_loss}" if h.overfit_val_loss else ""
         return f"{h.overfit_train_metric} and {h.overfit_val_metric} not both logged{loss}"
+    if name == "milestone" and not h.targets:
+        return "health.targets names no goal"
     if name == "jump" and not h.jumps:
         return "health.jumps names no metric"
     if name == "jump" and not set(h.jumps) & columns:
@@ -117,7 +119,7 @@ def judge_rows(health, baseline: float, total_steps: int, rows: list[dict],
             claims.append(Claim(cls.name, "not measured", "detector off", f"health.{cls.name}=off", "config.yaml"))
         elif missing:
             claims.append(Claim(cls.name, "not measured", missing, "-", "config.yaml / metrics.csv"))
-        elif cls.name == "jump" and detector.checked:  # every jump found, per metric (an event, not a fault)
+        elif hasattr(detector, "claim_value") and detector.checked:  # events, not faults: what each found
             claims.append(Claim(cls.name, "info", detector.claim_value(), detector.test_text(), where))
         elif mine:
             claims.append(_alert_claim(detector, mine, where))

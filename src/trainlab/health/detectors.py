@@ -764,7 +764,65 @@ class GradRegime(Detector):
                                  f"{len(self.norms) - cp.index} rows ago", ratio=ratio, llr=cp.llr)]
 
 
-DETECTORS = (NonFinite, Divergence, Spike, Plateau, StuckAtBaseline, Collapse, Grokking, Overfitting, GradRegime, Jump)
+_HOLDS = {">=": lambda v, level: v >= level, "<=": lambda v, level: v <= level,
+          ">": lambda v, level: v > level, "<": lambda v, level: v < level}
+
+
+class Milestone(Detector):
+    """The first logged value at which each goal of health.targets holds ("hierarchy <= -0.8 first reached
+    at step 1064 (-0.8012)"): the level crossings a run is for, as events beside the jumps.  One value
+    beyond the level counts (a noisy metric may cross and fall back; the claim gives the last value too);
+    each goal is reported once.  An event, no action: preflight projects the same goals forward, this
+    says when they were met."""
+
+    name, severity = "milestone", "info"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        from trainlab.health.goals import parse_target  # standard library only; the syntax is checked already
+
+        self.goals = {text: parse_target(text) for text in self.cfg.targets}
+        self.reached: dict[str, tuple[int, float]] = {}  # goal -> (step, value) where it first held
+        self.last: dict[str, float] = {}  # goal -> the last finite value of its metric
+
+    def test_text(self) -> str:
+        return "the first logged value of each goal's metric on the goal's side of its level (health.targets)"
+
+    def unjudged_reason(self, rows: int) -> str:
+        metrics = ", ".join(sorted({metric for metric, _, _ in self.goals.values()}))
+        return f"never judged: no finite value of {metrics} in {rows} rows"
+
+    def claim_value(self) -> str:
+        parts = []
+        for text, (metric, op, level) in self.goals.items():
+            if text in self.reached:
+                step, value = self.reached[text]
+                parts.append(f"{metric} {op} {level:g}: first at step {step} ({format_number(value)}), last "
+                             f"{format_number(self.last[text])}")
+            elif text in self.last:
+                parts.append(f"{metric} {op} {level:g}: not reached (last {format_number(self.last[text])})")
+            else:
+                parts.append(f"{metric} {op} {level:g}: not measured ({metric} never logged)")
+        return "; ".join(parts)
+
+    def update(self, step, row):
+        out, judged = [], False
+        for text, (metric, op, level) in self.goals.items():
+            value = _num(row, metric)
+            if value is None or not math.isfinite(value):
+                continue
+            judged = True
+            self.last[text] = value
+            if text not in self.reached and _HOLDS[op](value, level):
+                self.reached[text] = (step, value)
+                out.append(self.alert(step, f"milestone: {metric} {op} {level:g} first reached at step {step} "
+                                            f"({format_number(value)})", goal=text, metric=metric, value=value))
+        self.checked += judged
+        return out
+
+
+DETECTORS = (NonFinite, Divergence, Spike, Plateau, StuckAtBaseline, Collapse, Grokking, Overfitting, GradRegime, Jump,
+             Milestone)
 
 
 def policy_of(cfg: HealthConfig, name: str) -> str:
