@@ -244,7 +244,7 @@ class Experiment(abc.ABC):
 # Built-in experiments, each a module exposing EXPERIMENT.  Import is lazy so `trainlab list` and
 # config errors stay fast and one broken experiment cannot break the others' commands.
 _BUILTIN = ("trainlab.experiments.modadd", "trainlab.experiments.sha256", "trainlab.experiments.bitnet_lm",
-            "trainlab.experiments.stegastamp", "trainlab.experiments.memory_lm")
+            "trainlab.experiments.stegastamp", "trainlab.experiments.memory_lm", "trainlab.experiments.ternary_vae")
 
 # Installed packages register experiments under this entry-point group, each entry point naming an
 # Experiment instance or subclass:  [project.entry-points."trainlab.experiments"]  my_exp = "pkg.mod:EXPERIMENT"

@@ -322,10 +322,11 @@ def _assemble(run_dir: Path, claims: list[Claim] | None, title: str | None) -> _
 
     blocks.append(Heading(2, "Plots"))
     charts, inline = _plot_blocks(run, base, blocks)
-    blocks.append(Heading(3, "heatmaps"))
+    blocks.append(Heading(3, "heatmaps and the experiment's figures"))
     if not run.heatmaps:
-        blocks.append(Para("not measured: no heatmaps in plots/ (the trainer draws them for experiments that "
-                           "name 2-D evaluation arrays)", css="missing"))
+        blocks.append(Para("not measured: no heatmaps or figures of the experiment in plots/ (the trainer draws "
+                           "heatmaps for experiments that name 2-D evaluation arrays; an experiment's callbacks may "
+                           "draw figures of their own)", css="missing"))
     for path in run.heatmaps:
         try:
             safe = inline_svg(path.read_text(encoding="utf-8"))
