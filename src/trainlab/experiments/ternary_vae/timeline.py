@@ -1,5 +1,5 @@
 """The homeostasis timeline of one ternary VAE run: coverage, hierarchy (with its ceiling) and Q against
-step, the intervals during which the controller kept each part frozen, and the jump alerts.
+step, the intervals during which the controller kept each part frozen, and the jump and milestone alerts.
 
     write_timeline(Path("runs/ternary_vae-quick"))   # plots/homeostasis-timeline.svg and .png
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 STEM = "homeostasis-timeline"  # plots/<STEM>.svg and .png
 DECISIONS = ("freeze", "unfreeze", "relax")  # the actions that change the controller's state ("kept" does not)
-MARKED_DETECTORS = ("jump", "grokking")  # the alerts drawn as vertical lines
+MARKED_DETECTORS = ("jump", "grokking", "milestone")  # the alerts drawn as vertical lines
 TITLE_CHARS = 90  # a title line longer than this (a long run name) wraps: it would run off the figure
 LABEL_CHARS = 32  # an alert label longer than this is cut to its detector's name (the tooltip keeps it all)
 # where a run's history restarts from an earlier step: what was logged after that step was undone
@@ -77,7 +77,7 @@ def frozen_intervals(events: Iterable[dict], last_step: int) -> dict[str, list[t
 
 
 def jump_alerts(events: Iterable[dict]) -> list[tuple[int, str, str]]:
-    """(step, short label, full message) of each jump or grokking alert, each once (a resume can log an
+    """(step, short label, full message) of each jump, grokking or milestone alert, each once (a resume can log an
     alert of a recomputed step again), in step order."""
     seen: dict[tuple, tuple[int, str, str]] = {}
     for event in events:
@@ -87,6 +87,8 @@ def jump_alerts(events: Iterable[dict]) -> list[tuple[int, str, str]]:
         message = str(event.get("message") or detector)
         # "jump: coverage 0.41 -> 0.93 (+0.52, 12 noise sigmas) at step ..." -> "jump: coverage 0.41 -> 0.93"
         label = message.split(" (")[0]
+        if detector == "milestone" and isinstance(event.get("evidence"), dict):
+            label = str(event["evidence"].get("goal", label))  # "hierarchy<=-0.80": the goal says it all
         if len(label) > LABEL_CHARS:
             label = str(detector)
         seen.setdefault((step, detector, message), (step, label, message))
@@ -179,7 +181,7 @@ def timeline_chart(run: RunData) -> "Chart | None":
         fig.get_layout_engine().execute(fig)  # the axes' final widths: the labels are measured against them
         rows = _fit_labels(fig, top, 0.0)  # labels that would overlap take rows above the plot, or stay tooltips
         title = textwrap.wrap(f"Homeostasis timeline of {run.path.name}", TITLE_CHARS) + [
-            "coverage, hierarchy and Q per evaluation; when each part was frozen; jump alerts"]
+            "coverage, hierarchy and Q per evaluation; when each part was frozen; jumps and goals met"]
         top.set_title(_plain("\n".join(title)), pad=6 + ROW_HEIGHT * rows)
         _freeze_layout(fig)
     return chart
