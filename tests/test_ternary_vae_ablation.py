@@ -79,7 +79,11 @@ def sweep(tmp_path: Path, q_on: list[float], q_off: list[float], **point_overrid
 @pytest.mark.parametrize("q_on, q_off, rule, verdict", [
     ([1.50, 1.52, 1.51], [1.40, 1.41, 1.40], "1", "homeostasis helps: Q on - off +0.1067"),
     ([1.30, 1.31, 1.30], [1.40, 1.42, 1.41], "2", "homeostasis hurts: Q on - off -0.1067"),
-    ([1.40, 1.41, 1.40], [1.40, 1.40, 1.41], "3", "no difference the seeds can show: Q on - off +0.0000"),
+    ([1.40, 1.41, 1.40], [1.40, 1.40, 1.41], "3", "no difference that matters: Q on - off +0.0000"),
+    # a real difference (the interval above 0) too small to matter is no help
+    ([1.4003, 1.4002, 1.4004], [1.40, 1.40, 1.40], "3", "no difference that matters: Q on - off +0.0003"),
+    # above 0 but reaching past the resolution with a mean below it: cannot tell
+    ([1.43, 1.47, 1.40], [1.40, 1.40, 1.40], "4", "cannot tell: the interval is too wide"),
     ([1.60, 1.30, 1.40], [1.40, 1.40, 1.41], "4", "cannot tell: the interval is too wide"),
     ([1.50], [1.40], "5", "cannot tell: fewer than 2 seeds"),
 ])
@@ -93,7 +97,8 @@ def test_each_verdict_rule_on_numbers_made_to_trigger_it(tmp_path, q_on, q_off, 
         mean = sum(diffs) / len(diffs)
         lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=mean, scale=scipy.stats.sem(diffs)) \
             if len(set(diffs)) > 1 else (mean, mean)
-        assert conclusion.verdict.split(" half-width")[0].rstrip(",").endswith(
+        assert conclusion.verdict.split(", the difference")[0].split(" (not 0")[0].split(", within")[0] \
+            .split(", reaching")[0].endswith(
             f"over {len(diffs)} seeds [{lo:+.4f}, {hi:+.4f}]"), conclusion.verdict
     else:
         assert conclusion.verdict.endswith(f"Q on - off {diffs[0]:+.4f} from one seed pair, no interval")

@@ -74,7 +74,7 @@ class TrainConfig:
 class OptimConfig:
     name: Literal["adamw", "lion", "riemannian_adam"] = knob(
         "adamw", "optimizer: adamw; lion; riemannian_adam (geoopt's RiemannianAdam: Adam that keeps manifold "
-                 "parameters on their manifold, plain Adam with coupled L2 weight decay on the others; needs geoopt)")
+                 "parameters on their manifold, plain Adam with coupled L2 weight decay on the others)")
     lr: float = knob(1e-3, "peak learning rate", gt=0)
     weight_decay: float = knob(0.0, "decoupled weight decay", ge=0)
     betas: tuple[float, float] = knob((0.9, 0.999), "momentum coefficients (beta1, beta2)", ge=0, lt=1)

@@ -10,12 +10,15 @@ to hierarchy <= -0.80 (the first evaluation that reached it; the pairs where eit
 left out of that difference, and counted):
     the mean with homeostasis on, the mean with it off, and the paired difference on - off with its
     95 % Student t interval over seeds (mean +- t(0.975, n - 1) sd / sqrt n; none from one pair).
-The verdict is on Q's paired difference (higher Q is better):
-  1  its interval lies above 0                                   -> "homeostasis helps"
-  2  its interval lies below 0                                   -> "homeostasis hurts"
-  3  it contains 0 and its half-width is at most RESOLUTION      -> "no difference the seeds can show"
-  4  it contains 0 and is wider                                  -> "cannot tell: the interval is too wide"
-  5  one pair of seeds                                           -> "cannot tell: fewer than 2 seeds"
+The verdict is on Q's paired difference (higher Q is better), against RESOLUTION, the smallest
+difference of Q that matters (0.05: a twentieth of the distance from the audit's Q of 1.96 to 2):
+  1  its interval lies above 0 and the difference is at least RESOLUTION -> "homeostasis helps"
+  2  its interval lies below 0 and the difference is at most -RESOLUTION -> "homeostasis hurts"
+  3  its interval lies within +-RESOLUTION                               -> "no difference that matters"
+     (an equivalence test: an interval of +0.0001 to +0.0004 is a real difference too small to matter,
+     not a help)
+  4  otherwise: the interval reaches past +-RESOLUTION                   -> "cannot tell: the interval is too wide"
+  5  one pair of seeds                                                   -> "cannot tell: fewer than 2 seeds"
   -  no pair with a final Q in both arms (a NaN or inf last value counts as not measured)
 Each verdict ends with the numbers it was reached on.  The table also counts, per on-run, the
 controller's decisions (freeze, unfreeze and relax events of its true history).
@@ -35,7 +38,7 @@ HOMEOSTASIS_KEY = "model.homeostasis"
 SEED_KEY = "train.seed"
 COVERAGE_TARGET = 0.99  # the audit's targets (the presets' health.targets)
 HIERARCHY_TARGET = -0.80
-RESOLUTION = 0.05  # "no difference" needs Q's interval within +-0.05 of its mean, and around 0
+RESOLUTION = 0.05  # the smallest difference of Q that matters (rules 1-3)
 FINALS = ("coverage", "hierarchy", "Q")
 REACHES = (("coverage", f"steps to coverage >= {COVERAGE_TARGET:.2f}", lambda v: v >= COVERAGE_TARGET),
            ("hierarchy", f"steps to hierarchy <= {HIERARCHY_TARGET:.2f}", lambda v: v <= HIERARCHY_TARGET))
@@ -132,16 +135,16 @@ def _compare(label: str, pairs: list[tuple[Arm, Arm]]) -> Conclusion:
                                       f"{diffs[0]:+.4f} from one seed pair, no interval", numbers)
     m, lo, hi = interval
     shown = f"Q on - off {m:+.4f}, 95 % t interval over {n} seeds [{lo:+.4f}, {hi:+.4f}]"
-    if lo > 0:
-        return Conclusion(label, "1", f"homeostasis helps: {shown}", numbers)
-    if hi < 0:
-        return Conclusion(label, "2", f"homeostasis hurts: {shown}", numbers)
-    half = (hi - lo) / 2
-    if half <= RESOLUTION:
-        return Conclusion(label, "3", f"no difference the seeds can show: {shown}, half-width {half:.4f} "
-                                      f"<= {RESOLUTION:g}", numbers)
+    if lo > 0 and m >= RESOLUTION:
+        return Conclusion(label, "1", f"homeostasis helps: {shown}, the difference at least {RESOLUTION:g}", numbers)
+    if hi < 0 and m <= -RESOLUTION:
+        return Conclusion(label, "2", f"homeostasis hurts: {shown}, the difference at least {RESOLUTION:g}", numbers)
+    if -RESOLUTION <= lo and hi <= RESOLUTION:
+        significant = " (not 0, but smaller than what matters)" if lo > 0 or hi < 0 else ""
+        return Conclusion(label, "3", f"no difference that matters: {shown}{significant}, within "
+                                      f"+-{RESOLUTION:g}", numbers)
     return Conclusion(label, "4", f"cannot tell: the interval is too wide (more seeds would narrow it): {shown}, "
-                                  f"half-width {half:.4f} > {RESOLUTION:g}", numbers)
+                                  f"reaching past +-{RESOLUTION:g}", numbers)
 
 
 def _q_differences(pairs: list[tuple[Arm, Arm]]) -> list[float]:
