@@ -67,6 +67,16 @@ def t_quantile(p: float, df: float) -> float:
     return float(stdtrit(df, p))
 
 
+def mean_t_interval(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """The mean of `values` and its 95 % Student t interval (mean -+ t(0.975, n - 1) sd / sqrt n), for
+    differences paired over seeds; None under two values."""
+    if len(values) < 2:
+        return None
+    mean = float(np.mean(values))
+    half = t_quantile(0.975, len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from trainlab.engine.logs import ARRAYS_FILE, read_events
 from trainlab.experiments.memory_lm.recall import KEY_END, QUERY, wilson_interval
-from trainlab.health.stats import t_quantile
+from trainlab.health.stats import mean_t_interval
 from trainlab.sweep.report import Conclusion, PointResult, SweepFindings, is_complete, left_out_text
 
 MEMORY_KNOBS = ("model.memory", "model.lambda_min", "model.decay_init")
@@ -110,15 +110,6 @@ def newcombe_difference(k1: int, n1: int, k2: int, n2: int) -> tuple[float, floa
     return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
-def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
-    """Mean and its 95 % t interval; None under two values."""
-    if len(values) < 2:
-        return None
-    mean = statistics.fmean(values)
-    half = t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -151,14 +142,14 @@ def _bpb_numbers(pairs: list[tuple[Arm, Arm]]) -> tuple[list[str], str]:
     on_mean = statistics.fmean(on.val_bpb for on, _ in pairs)
     off_mean = statistics.fmean(off.val_bpb for _, off in pairs)
     head = f"held-out bits per byte: memory on {on_mean:.4f}, off {off_mean:.4f}"
-    across = mean_interval(diffs)
+    across = mean_t_interval(diffs)
     on, off = pairs[0]
     if across:
         m, lo, hi = across
         basis = f"over {len(diffs)} seeds"
         line = f"{head}; difference {m:+.4f} bits/byte, 95 % t interval {basis} [{lo:+.4f}, {hi:+.4f}]"
     elif len(on.bpb_by_sequence) == len(off.bpb_by_sequence) >= 2:
-        _, lo, hi = mean_interval([a - b for a, b in zip(on.bpb_by_sequence, off.bpb_by_sequence)])
+        _, lo, hi = mean_t_interval([a - b for a, b in zip(on.bpb_by_sequence, off.bpb_by_sequence)])
         m, basis = diffs[0], "over the evaluation text only, one seed"
         line = (f"{head}; difference {m:+.4f} bits/byte, paired 95 % t interval over the "
                 f"{len(on.bpb_by_sequence)} evaluation sequences [{lo:+.4f}, {hi:+.4f}] -- the text's sampling "

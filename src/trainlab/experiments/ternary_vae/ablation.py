@@ -31,7 +31,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from trainlab.experiments.ternary_vae.timeline import DECISIONS, homeostasis_history
-from trainlab.health.stats import t_quantile
+from trainlab.health.stats import mean_t_interval
 from trainlab.sweep.report import Conclusion, PointResult, SweepFindings, is_complete, left_out_text
 
 HOMEOSTASIS_KEY = "model.homeostasis"
@@ -69,15 +69,6 @@ def read_arm(p: PointResult) -> Arm:
     return Arm(p, str(p.values.get(SEED_KEY, "-")), finals, reached, decisions)
 
 
-def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
-    """Mean and its 95 % Student t interval; None under two values."""
-    if len(values) < 2:
-        return None
-    mean = statistics.fmean(values)
-    half = t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def _mean(values: list) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
@@ -100,7 +91,7 @@ def _difference(name: str, on: list, off: list, steps: bool = False) -> tuple[st
         reached = (f" (reached by {sum(v is not None for v in on)} of {len(on)} on-runs, "
                    f"{sum(v is not None for v in off)} of {len(off)} off-runs)")
     line = f"{name}: on {_fmt(_mean(on), steps)}, off {_fmt(_mean(off), steps)}{reached}"
-    interval = mean_interval(diffs)
+    interval = mean_t_interval(diffs)
     over = f"over the {len(diffs)} seeds where both reached it" if steps else f"over {len(diffs)} seeds"
     if interval is not None:
         m, lo, hi = interval
@@ -127,7 +118,7 @@ def _compare(label: str, pairs: list[tuple[Arm, Arm]]) -> Conclusion:
     numbers.append(f"homeostasis decisions (freeze, unfreeze, relax) per on-run: {per_run}")
 
     diffs = _q_differences(pairs)
-    n, interval = len(diffs), mean_interval(diffs)
+    n, interval = len(diffs), mean_t_interval(diffs)
     if n == 0:
         return Conclusion(label, "-", "cannot tell: no seed pair has a final Q in both arms", numbers)
     if interval is None:
