@@ -144,6 +144,24 @@ def test_a_goal_with_too_few_rows_is_not_measured():
     assert judged.status == "not measured" and "only 1 logged row after the warm-up of val_acc" in judged.reason
 
 
+def test_a_declared_metric_range_bounds_the_projection():
+    """A correlation falling toward -0.9 along a decaying curve is projected past its floor unless the
+    experiment says where the floor is (Experiment.metric_ranges): then the projection stops there."""
+    steps = np.arange(10, 210, 10)  # the last logged value is -0.74: the goal is not met yet
+    rows = [{"step": int(s), "hierarchy": float(-0.9 + 0.6 * math.exp(-s / 150))} for s in steps]
+    goal = Goal("hierarchy", "<=", -0.85, "--target")
+    free = judge_goal(goal, rows, 3000, _Exp())
+    assert free.status == "reached"
+
+    class Bounded(_Exp):
+        metric_ranges = {"hierarchy": (-0.83205, 0.83205)}
+
+    bounded = judge_goal(goal, rows, 3000, Bounded())
+    assert bounded.status == "not reached" and bounded.reason.startswith(
+        "target hierarchy <= -0.85 not reached: hierarchy can reach no lower than -0.832 while its range is "
+        "[-0.832, 0.832] (the experiment's metric_ranges)"), bounded.reason
+
+
 # --------------------------------------------------------------------------------------------
 # Parts: which learn, which sit at chance, and what that costs
 # --------------------------------------------------------------------------------------------

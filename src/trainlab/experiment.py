@@ -137,6 +137,10 @@ class Experiment(abc.ABC):
     # projected to be reached (besides the curriculum's gate and the user's health.targets).
     # Empty: no goal of its own.
     goal: str = ""
+    # The range a logged metric can take, where its values do not say it: name -> (lowest, highest), None
+    # for an open end (a correlation: (-1.0, 1.0)).  A goal's projection is bounded by it, as an
+    # accuracy's is by 1.  Empty: ranges come from the logged values (a fraction, a loss >= 0).
+    metric_ranges: dict[str, tuple[float | None, float | None]] = {}
     # Per-part training metrics, when the task splits into parts that are learned separately (sha256:
     # the bit accuracy of each state word a..h), so preflight can say which parts learn and which
     # sit at chance, and no projection counts on the parts at chance:

@@ -269,6 +269,12 @@ class GoalJudgement:
 def _bound(goal: Goal, values: list[float], experiment: Any, parts: PartsReading | None) -> tuple[float | None, str]:
     """The best value the goal's metric can take (a ceiling for higher-is-better, a floor for
     lower-is-better), and where it comes from."""
+    declared = (getattr(experiment, "metric_ranges", None) or {}).get(goal.metric)
+    if declared is not None:  # the experiment knows the metric's range (a correlation's [-1, 1])
+        value = declared[1] if goal.higher_is_better else declared[0]
+        if value is not None:
+            return float(value), (f"its range is [{format_number(declared[0])}, {format_number(declared[1])}] "
+                                  "(the experiment's metric_ranges)")
     if goal.higher_is_better:
         ceiling = parts.ceiling(goal.metric) if parts is not None else None
         if ceiling is not None:
@@ -401,7 +407,8 @@ def judge_goal(goal: Goal, rows: list[dict], planned_steps: int, experiment: Any
                     + bound_note + (f"; + {lag} steps for the running mean's lag" if lag else ""))
 
     if capped:
-        why = (f"{goal.name} not reached: {goal.metric} can reach at most {format_number(bound)} while "
+        limit = "at most" if goal.higher_is_better else "no lower than"
+        why = (f"{goal.name} not reached: {goal.metric} can reach {limit} {format_number(bound)} while "
                f"{bound_why}" + (f"; {at_planned}" if at_planned else "") + f" -- {label}")
         details["capped"] = True
         return out("not reached", "fail", why, evidence, why)

@@ -24,12 +24,14 @@ from trainlab.config import knob
 from trainlab.errors import ConfigError
 from trainlab.experiment import Experiment, Preset, StepContext
 from trainlab.experiments.ternary_vae import metrics
-from trainlab.experiments.ternary_vae.data import N_OPS, Operations, OperationBatches
+from trainlab.experiments.ternary_vae.data import N_OPS, Operations, OperationBatches, valuation
 from trainlab.experiments.ternary_vae.losses import (DEFAULT_WEIGHTS, STRUCTURE, TernaryVAELossConfig, kl_divergence,
                                                      reconstruction, structure_losses)
 from trainlab.experiments.ternary_vae.model import TernaryVAE, TernaryVAEModelConfig
 
 EVAL_CHUNK = 4096  # operations per forward pass at evaluation
+# the most negative hierarchy radii distinct within each level allow, from the valuations themselves
+HIERARCHY_CEILING = metrics.hierarchy_ceiling(valuation(torch.arange(N_OPS)))
 
 
 @dataclass
@@ -54,7 +56,7 @@ class OperationStream:
                                         stratified=cfg.data.high_v_share > 0, accum=cfg.train.accum)
         i, j = metrics.pair_sample(N_OPS, cfg.data.eval_pairs)
         self.eval_pairs = (torch.as_tensor(i, device=device), torch.as_tensor(j, device=device))
-        self.hierarchy_ceiling = metrics.hierarchy_ceiling(self.ops.v)
+        self.hierarchy_ceiling = HIERARCHY_CEILING
 
     def batch(self, step: int, micro: int, level: float | None) -> dict:
         return self.batches.batch(step, micro, level)
@@ -109,6 +111,11 @@ class TernaryVAEExperiment(Experiment):
     eval_metrics = ("coverage", "hierarchy", "hierarchy_ceiling", "hierarchy_gap", "richness", "dist_corr", "Q",
                     "curvature")
     default_preset = "quick"
+    # Spearman correlations; coverage a share; Q = dist_corr + 1.5 |hierarchy|.  The hierarchy's floor is
+    # its ceiling of -0.83205 (radii distinct within each level, as a network's float radii are): only
+    # radii tied exactly within every level reach -1, so a projection past -0.83205 projects nothing real
+    metric_ranges = {"hierarchy": (HIERARCHY_CEILING, -HIERARCHY_CEILING), "dist_corr": (-1.0, 1.0),
+                     "coverage": (0.0, 1.0), "Q": (-1.0, 1.0 - 1.5 * HIERARCHY_CEILING)}
     presets = {
         "smoke": Preset("seconds on CPU, for tests: hidden 16, latent 4, 40 steps of 128 operations", {
             "train": {"steps": 40, "micro_batch": 128},
