@@ -164,6 +164,9 @@ def test_nothing_is_frozen_when_nothing_else_would_train():
     out = ctl.decide({"coverage": 1.0, "hierarchy": -0.5, "Q": 1.0}, model)
     assert [d["action"] for d in out] == ["kept"] and "nothing else would train" in out[0]["reason"]
     assert not _frozen(model)["encoder_b"]
+    # the same plateau is not reported again at the next evaluation; a new one of 2 values is
+    assert ctl.decide({"coverage": 1.0, "hierarchy": -0.5, "Q": 1.0}, model) == []
+    assert [d["action"] for d in ctl.decide({"coverage": 1.0, "hierarchy": -0.5, "Q": 1.0}, model)] == ["kept"]
 
 
 def test_the_controller_state_round_trips():

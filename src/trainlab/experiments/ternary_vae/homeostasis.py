@@ -124,8 +124,9 @@ class HomeostasisController(Callback):
                     change(["encoder_b"], True,
                            f"hierarchy plateaued: it moved {spread:.5f} < {self.plateau_delta:g} over the last "
                            f"{self.plateau_evals} evaluations (now {hierarchy:.4f})")
-                    if self.frozen["encoder_b"]:
-                        self.b_rested, self.hierarchy_history = 0, []
+                    # frozen, or kept trainable: a new plateau of plateau_evals values is needed either
+                    # way (a kept part is not re-reported at every evaluation)
+                    self.b_rested, self.hierarchy_history = 0, []
 
         if self.best_q is None or q > self.best_q + self.min_q_gain:
             improved = self.best_q is not None
