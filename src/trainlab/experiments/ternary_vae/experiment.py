@@ -78,17 +78,22 @@ def _weights(**points) -> dict:
 # when met) are the quick preset's: coverage >= 99 %, hierarchy <= -0.80
 _HEALTH = {"loss_metric": "recon_loss", "jumps": {"coverage": 0.05, "hierarchy": 0.05},
            "targets": ["coverage>=0.99", "hierarchy<=-0.80"]}
-_V5_12_4_WEIGHTS = _weights(recon=1.0, kl=1e-3, hierarchy=5.0, richness=2.0, rank=0.5,
-                            geodesic=[[0.0, 0.0], [0.3, 0.0], [0.3, 0.3]])
+def _v5_12_4_weights(geodesic_from: float) -> dict:
+    """v5.12.4's loss weights, the geodesic term switched on at the fraction `geodesic_from` of the run."""
+    return _weights(recon=1.0, kl=1e-3, hierarchy=5.0, richness=2.0, rank=0.5,
+                    geodesic=[[0.0, 0.0], [geodesic_from, 0.0], [geodesic_from, 0.3]])
 
 
-def _epoch_run(epochs: int, batch: int, eval_epochs: float, **overrides) -> dict:
+def _epoch_run(epochs: int, batch: int, eval_epochs: float, geodesic_epoch: float, **overrides) -> dict:
+    """A preset in the audit's units: `epochs` passes at `batch`, an evaluation every `eval_epochs`, the
+    geodesic term from epoch `geodesic_epoch` (v5.12.4: 30)."""
     steps = steps_for(epochs, batch)
     every = max(1, round(eval_epochs * N_OPS / batch))
     base = {
         "train": {"steps": steps, "micro_batch": batch, "clip": 1.0},
         "optim": {"name": "riemannian_adam", "lr": 1e-3, "lr_factors": {"encoder_b.": 0.1}},
-        "schedule": {"warmup": 0, "decay": "cosine", "min_lr_ratio": 0.01, "loss_weights": _V5_12_4_WEIGHTS},
+        "schedule": {"warmup": 0, "decay": "cosine", "min_lr_ratio": 0.01,
+                     "loss_weights": _v5_12_4_weights(geodesic_epoch / epochs)},
         "log": {"every": max(1, every // 4)}, "eval": {"every": every},
         "ckpt": {"every": every * 5, "keep": 3, "best_metric": "Q", "best_mode": "max"},
         "data": {"high_v_share": 0.25},
@@ -120,23 +125,24 @@ class TernaryVAEExperiment(Experiment):
         "smoke": Preset("seconds on CPU, for tests: hidden 16, latent 4, 40 steps of 128 operations", {
             "train": {"steps": 40, "micro_batch": 128},
             "optim": {"name": "riemannian_adam", "lr": 3e-3, "lr_factors": {"encoder_b.": 0.1}},
-            "schedule": {"warmup": 0, "decay": "constant", "loss_weights": _V5_12_4_WEIGHTS},
+            "schedule": {"warmup": 0, "decay": "constant", "loss_weights": _v5_12_4_weights(0.3)},
             "log": {"every": 5}, "eval": {"every": 10}, "ckpt": {"every": 10, "keep": 2},
             "model": {"hidden": 16, "latent": 4, "homeostasis_plateau_evals": 2, "homeostasis_b_rest_evals": 1},
             "data": {"high_v_share": 0.25, "eval_pairs": 2000},
             "health": _HEALTH,
         }),
         "quick": Preset("under a minute on one CPU core: the v5.12.4 model and losses for 40 epochs of 512 "
-                        "operations, encoder B at the full learning rate (at v5.12.4's 0.1x its hierarchy is still "
+                        "operations, the geodesic term from epoch 12, encoder B at the full learning rate (at v5.12.4's 0.1x its hierarchy is still "
                         "far from the ceiling after 100 epochs)",
-                        _epoch_run(40, 512, 1.0, optim={"lr_factors": {}})),
+                        _epoch_run(40, 512, 1.0, geodesic_epoch=12, optim={"lr_factors": {}})),
         "v5_12_4": Preset("the audit's v5.12.4 configuration: hidden 64, latent 16, improved components, learnable "
                           "curvature, RiemannianAdam at 1e-3 (encoder B at 0.1x), 100 epochs at batch 512, hierarchy "
                           "weight 5, richness 2, rank 0.5, geodesic 0.3 from epoch 30, a quarter of each batch from "
-                          "high valuations, homeostasis on", _epoch_run(100, 512, 2.0)),
+                          "high valuations, homeostasis on", _epoch_run(100, 512, 2.0, geodesic_epoch=30)),
         "extended": Preset("the audit's 500-epoch plan: cosine at 1e-3 to epoch 100, constant 1e-4 to epoch 300, "
-                           "linear decay from 1e-5 to epoch 500, on the v5.12.4 model and losses",
-                           _epoch_run(500, 512, 2.0, schedule={"phases": [
+                           "linear decay from 1e-5 to epoch 500, on the v5.12.4 model and losses (geodesic from "
+                           "epoch 30)",
+                           _epoch_run(500, 512, 2.0, geodesic_epoch=30, schedule={"phases": [
                                {"kind": "cosine", "steps": steps_for(100, 512), "start": 1.0, "end": 0.1},
                                {"kind": "constant", "steps": steps_for(300, 512) - steps_for(100, 512), "start": 0.1},
                                {"kind": "linear", "steps": 0, "start": 0.01, "end": 0.0}]})),
