@@ -194,3 +194,15 @@ def test_riemannian_adam_resumes_with_the_step_it_counted():
     resumed, _ = run(range(3, 6), opt.state_dict(), half.state_dict())
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_lr_factors_cannot_change_on_resume(tmp_path: Path):
+    """They set the parameter groups; the saved optimizer state has the old groups' layout."""
+    run = str(tmp_path / "r")
+    trainlab("run", "modadd", "--preset", "smoke", "--run-dir", run, "--steps", "20", cwd=tmp_path, check=True)
+    before = (tmp_path / "r" / "metrics.csv").read_text()
+    proc = trainlab("run", "modadd", "--preset", "smoke", "--run-dir", run, "--steps", "40",
+                    "--set", "optim.lr_factors={head.: 0.5}", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "optim.lr_factors" in lines[0], proc.stderr
+    assert (tmp_path / "r" / "metrics.csv").read_text() == before  # nothing written

@@ -17,16 +17,17 @@ from trainlab.config import RunConfig
 from trainlab.engine.callbacks import Callback, load_callback
 from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.memory import refuse_if_it_cannot_fit
-from trainlab.optim import check_parameter_groups
 from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside, read_run_config, read_status
 from trainlab.engine.trainer import RunResult, Trainer
 from trainlab.errors import UsageError, brief
 from trainlab.experiment import Experiment, experiment_for, get_experiment
+from trainlab.optim import check_parameter_groups
 
 # A resumed run keeps its model, its data and its optimizer's kind: a change there would load
 # mismatched weights, silently train on another task, or feed one optimizer's state to another.
+# optim.lr_factors sets the parameter groups, whose layout the saved optimizer state must match.
 # Everything else (steps, LR, weight decay, logging...) may change on resume.
-FIXED_ON_RESUME = ("experiment", "model.", "data.", "optim.name", "optim.galore_rank")
+FIXED_ON_RESUME = ("experiment", "model.", "data.", "optim.name", "optim.galore_rank", "optim.lr_factors")
 
 
 def is_config_path(target: str) -> bool:
