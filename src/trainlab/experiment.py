@@ -137,6 +137,9 @@ class Experiment(abc.ABC):
     # projected to be reached (besides the curriculum's gate and the user's health.targets).
     # Empty: no goal of its own.
     goal: str = ""
+    # The names of the losses schedule.loss_weights may weight (StegaStamp's secret, l2, ...); a name not
+    # among them is refused.  Empty: the experiment weights no named losses, and any name is passed on.
+    loss_names: tuple[str, ...] = ()
     # The range a logged metric can take, where its values do not say it: name -> (lowest, highest), None
     # for an open end (a correlation: (-1.0, 1.0)).  A goal's projection is bounded by it, as an
     # accuracy's is by 1.  Empty: ranges come from the logged values (a fraction, a loss >= 0).
@@ -173,6 +176,10 @@ class Experiment(abc.ABC):
             if metric not in logged:
                 raise ConfigError(f"health.targets[{i}]", f"{metric!r} is not a logged metric of {self.name}; "
                                   f"allowed: {', '.join(logged)}")
+        unknown = sorted(set(cfg.schedule.loss_weights) - set(self.loss_names)) if self.loss_names else []
+        if unknown:
+            raise ConfigError(f"schedule.loss_weights.{unknown[0]}", f"not a loss of {self.name}; allowed: "
+                              f"{', '.join(self.loss_names)}")
         for metric in cfg.health.jumps:
             if metric not in logged:
                 raise ConfigError(f"health.jumps.{metric}", f"{metric!r} is not a logged metric of {self.name}; "

@@ -263,13 +263,10 @@ class StegaStampExperiment(Experiment):
         return StegaStampDataConfig
 
     loss_config = StegaStampLossConfig
+    loss_names = LOSS_NAMES
 
     def check_config(self, cfg) -> None:
-        super().check_config(cfg)
-        unknown = sorted(set(cfg.schedule.loss_weights) - set(LOSS_NAMES))
-        if unknown:
-            raise ConfigError(f"schedule.loss_weights.{unknown[0]}", f"not a loss of {self.name}; allowed: "
-                              f"{', '.join(LOSS_NAMES)}")
+        super().check_config(cfg)  # refuses a loss weight not named in loss_names
         critic_weight = max((y for _, y in cfg.schedule.loss_weights.get("critic", [])), default=0.0)
         if critic_weight > 0 and not cfg.model.critic:
             raise ConfigError("model.critic", "is false but schedule.loss_weights.critic is above 0; set the critic "

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from trainlab.config import knob
-from trainlab.errors import ConfigError
 from trainlab.experiment import Experiment, Preset, StepContext
 from trainlab.experiments.ternary_vae import metrics
 from trainlab.experiments.ternary_vae.data import N_OPS, Operations, OperationBatches, valuation
@@ -111,6 +110,7 @@ class TernaryVAEExperiment(Experiment):
     model_config = TernaryVAEModelConfig
     data_config = TernaryVAEDataConfig
     loss_config = TernaryVAELossConfig
+    loss_names = tuple(DEFAULT_WEIGHTS)
     train_metrics = ("recon_loss", "kl_loss", "hierarchy_loss", "richness_loss", "geodesic_loss", "rank_loss",
                      "trit_acc")
     eval_metrics = ("coverage", "hierarchy", "hierarchy_ceiling", "hierarchy_gap", "richness", "dist_corr", "Q",
@@ -147,13 +147,6 @@ class TernaryVAEExperiment(Experiment):
                                {"kind": "constant", "steps": steps_for(300, 512) - steps_for(100, 512), "start": 0.1},
                                {"kind": "linear", "steps": 0, "start": 0.01, "end": 0.0}]})),
     }
-
-    def check_config(self, cfg) -> None:
-        super().check_config(cfg)
-        unknown = sorted(set(cfg.schedule.loss_weights) - set(DEFAULT_WEIGHTS))
-        if unknown:
-            raise ConfigError(f"schedule.loss_weights.{unknown[0]}", f"is not a loss of {self.name}; allowed: "
-                                                                     f"{', '.join(DEFAULT_WEIGHTS)}")
 
     def build_model(self, cfg) -> TernaryVAE:
         model = TernaryVAE(cfg.model, controlled_losses=len(STRUCTURE))
