@@ -415,7 +415,7 @@ JUMP_HISTORY_VALUES = 256
 JUMP_NOISE_FLOOR = 1e-9
 
 
-def _plateau_noise(residuals: np.ndarray, history: list[float]) -> float:
+def _plateau_noise(residuals: np.ndarray, row_noise: float) -> float:
     """How far a value strays from the window's level by chance: the larger of the row-to-row noise of
     every value since the last jump (stats.row_noise: 1.4826 MAD of successive differences / sqrt 2,
     which a slow trend does not inflate) and the window's own spread about its level (1.4826 MAD of
@@ -424,7 +424,7 @@ def _plateau_noise(residuals: np.ndarray, history: list[float]) -> float:
     the wander of an autocorrelated level (AR(1) phi 0.9: 491 times); see docs/health.md for the two
     together."""
     spread = 1.4826 * float(np.median(np.abs(residuals - np.median(residuals))))
-    return max(stats.row_noise(history), spread)
+    return max(row_noise, spread)
 
 
 class _Level(NamedTuple):
@@ -554,10 +554,10 @@ class Jump(Detector):
         n, x = len(y), np.arange(len(window), dtype=np.float64)
         i, j = np.triu_indices(n, 1)
         slope = float(np.median((y[j] - y[i]) / (j - i)))  # Theil-Sen
-        since_jump = [v for _, v in history]
+        row_noise = stats.row_noise([v for _, v in history])  # since the last jump: one for both levels
 
         def level_of(intercept: float, per_value: float) -> _Level:
-            return _Level(intercept, per_value, None, _plateau_noise(y - (intercept + per_value * x), since_jump), n)
+            return _Level(intercept, per_value, None, _plateau_noise(y - (intercept + per_value * x), row_noise), n)
 
         def beyond(level: _Level) -> bool:
             change = abs(value - level.at(n))
@@ -764,10 +764,6 @@ class GradRegime(Detector):
                                  f"{len(self.norms) - cp.index} rows ago", ratio=ratio, llr=cp.llr)]
 
 
-_HOLDS = {">=": lambda v, level: v >= level, "<=": lambda v, level: v <= level,
-          ">": lambda v, level: v > level, "<": lambda v, level: v < level}
-
-
 class Milestone(Detector):
     """The first logged value at which each goal of health.targets holds ("hierarchy <= -0.8 first reached
     at step 1064 (-0.8012)"): the level crossings a run is for, as events beside the jumps.  One value
@@ -779,9 +775,10 @@ class Milestone(Detector):
 
     def __init__(self, *args):
         super().__init__(*args)
-        from trainlab.health.goals import parse_target  # standard library only; the syntax is checked already
+        from trainlab.health.goals import Goal, parse_target  # the syntax is checked already
 
-        self.goals = {text: parse_target(text) for text in self.cfg.targets}
+        # preflight's own Goal: its met() is the comparison both make
+        self.goals = {text: Goal(*parse_target(text), "health.targets") for text in self.cfg.targets}
         self.reached: dict[str, tuple[int, float]] = {}  # goal -> (step, value) where it first held
         self.last: dict[str, float] = {}  # goal -> the last finite value of its metric
 
@@ -789,12 +786,13 @@ class Milestone(Detector):
         return "the first logged value of each goal's metric on the goal's side of its level (health.targets)"
 
     def unjudged_reason(self, rows: int) -> str:
-        metrics = ", ".join(sorted({metric for metric, _, _ in self.goals.values()}))
+        metrics = ", ".join(sorted({goal.metric for goal in self.goals.values()}))
         return f"never judged: no finite value of {metrics} in {rows} rows"
 
     def claim_value(self) -> str:
         parts = []
-        for text, (metric, op, level) in self.goals.items():
+        for text, goal in self.goals.items():
+            metric, op, level = goal.metric, goal.op, goal.level
             if text in self.reached:
                 step, value = self.reached[text]
                 parts.append(f"{metric} {op} {level:g}: first at step {step} ({format_number(value)}), last "
@@ -807,13 +805,14 @@ class Milestone(Detector):
 
     def update(self, step, row):
         out, judged = [], False
-        for text, (metric, op, level) in self.goals.items():
+        for text, goal in self.goals.items():
+            metric, op, level = goal.metric, goal.op, goal.level
             value = _num(row, metric)
             if value is None or not math.isfinite(value):
                 continue
             judged = True
             self.last[text] = value
-            if text not in self.reached and _HOLDS[op](value, level):
+            if text not in self.reached and goal.met(value):
                 self.reached[text] = (step, value)
                 out.append(self.alert(step, f"milestone: {metric} {op} {level:g} first reached at step {step} "
                                             f"({format_number(value)})", goal=text, metric=metric, value=value))
