@@ -120,7 +120,7 @@ class OperationBatches:
         self.high_v_share = float(high_v_share)
         self.high_v_min = int(high_v_min)
         self.high_per_batch = round(self.batch_size * self.high_v_share)
-        v = valuation(torch.arange(N_OPS))
+        v = ops.v.cpu()  # the pools index the CPU draws (picks), whatever device ops live on
         self.high_pool = torch.nonzero(v >= self.high_v_min).flatten()
         self.low_pool = torch.nonzero(v < self.high_v_min).flatten()
         self._permutations: dict[int, torch.Tensor] = {}  # a cache: the result stays a pure function

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+# scipy.stats is imported where it is used: it costs half a second, and every trainlab command imports
+# the built-in experiments (the registry), this module among them
 
 HIERARCHY_WEIGHT = 1.5  # Q = dist_corr + 1.5 * |hierarchy|
 
@@ -30,6 +32,8 @@ def _spearman(a: Any, b: Any) -> float:
         raise ValueError(f"need equal lengths, got {a.shape[0]} and {b.shape[0]}")
     if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return float("nan")
+    from scipy import stats
+
     return float(stats.spearmanr(a, b).statistic)  # ranks with ties averaged
 
 
@@ -97,6 +101,8 @@ def hierarchy_ceiling(v: Any, distinct_within_levels: bool = True) -> float:
     2/3 * 3^-k the unexplained part is about sum share^3 = (8/27) / (1 - 1/27) = 4/13, so rho is
     about -3/sqrt(13) (equal to 1e-9).
     distinct_within_levels=False (radii equal within a level): -1, at the price of richness 0."""
+    from scipy import stats
+
     v = as_numpy(v).ravel().astype(np.float64)
     if distinct_within_levels:
         # ordinal ranks break ties by position: all distinct, anti-ordered against v
