@@ -8,6 +8,7 @@ once the checkpoint is saved.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to train: auto (default) = CUDA if available, else MPS, else the CPU")
     run.add_argument("--fresh", action="store_true",
                      help="start from step 0; an existing run directory is moved aside, never deleted")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="data-parallel over N processes on this machine, one per GPU (gloo on the CPU): starts "
+                          "torchrun for you (torchrun --standalone --nproc-per-node N -m trainlab run ...); "
+                          "several machines: docs/distributed.md")
 
     pre = sub.add_parser("preflight", help="a short real run, measured: is this run worth its GPU hours?")
     _add_target_options(pre, steps_help="steps of the preflight run (default 200; its config's train.steps "
@@ -234,39 +239,104 @@ def _summary(row: dict, keys: tuple[str, ...]) -> str:
     return ", ".join(f"{k} {format_number(row[k])}" for k in keys if isinstance(row.get(k), (int, float)))
 
 
-def cmd_run(args) -> int:
-    from trainlab.launch import Launch, default_run_dir, load_target, resolve_device
+def _run_as_job(args, experiment, cfg, device, run_dir: Path) -> int:
+    """`trainlab run --nproc N`: every check here first (a refusal is one line, before any process
+    starts), then the same command as a torchrun job of N processes."""
+    from trainlab.engine.distributed import run_local_job
+    from trainlab.launch import Launch
 
-    experiment, cfg = load_target(args.target, args.preset, args.sets, args.steps)
-    device = resolve_device(args.device)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    launch = Launch(experiment, cfg, run_dir, device)
-    launch.prepare(args.fresh)
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: allowed: 1 or more processes")
+    if device.type == "cuda":
+        import torch
+
+        if args.nproc > torch.cuda.device_count():
+            raise UsageError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+                             "visible; allowed: 1 to that many (or --device cpu)")
+    elif device.type != "cpu":
+        raise UsageError(f"--nproc with --device {device.type}: allowed: cuda (NCCL) or cpu (gloo)")
+    launch = Launch(experiment, cfg, run_dir, device, world_size=args.nproc)
+    launch.prepare(args.fresh)  # --fresh moves the old run aside here, once
     if launch.already_done_at is not None:
         print(f"trainlab: {run_dir} already finished at step {launch.already_done_at} "
               f"(train.steps={cfg.train.steps}); pass --steps N with a larger N to extend it, "
               "or --fresh to start over")
         return 0
+    if launch.moved_to is not None:
+        print(f"trainlab: {launch.notes[0]}", file=sys.stderr)
+    command = ["-m", "trainlab", "run", args.target, "--run-dir", str(run_dir), "--device", device.type]
+    if args.preset:
+        command += ["--preset", args.preset]
+    for item in args.sets:
+        command += ["--set", item]
+    if args.steps is not None:
+        command += ["--steps", str(args.steps)]
+    return run_local_job(command, args.nproc, str(run_dir))
+
+
+def cmd_run(args) -> int:
+    from trainlab.engine.distributed import World, launched_by_torchrun
+    from trainlab.launch import default_run_dir, load_target, resolve_device
+
+    experiment, cfg = load_target(args.target, args.preset, args.sets, args.steps)
+    device = resolve_device(args.device)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    if args.nproc is not None:
+        if launched_by_torchrun():
+            raise UsageError(f"--nproc {args.nproc}: this process is already one of a torchrun job; "
+                             "give the process count to torchrun (--nproc-per-node) alone")
+        return _run_as_job(args, experiment, cfg, device, run_dir)
+    world = World.from_environment(device.type)
+    try:
+        return _run_here(args, experiment, cfg, world.device(device), run_dir, world)
+    finally:
+        world.close()
+
+
+def _run_here(args, experiment, cfg, device, run_dir: Path, world) -> int:
+    """The run in this process (one rank of a torchrun job, or the whole run).  Rank 0 prints."""
+    from trainlab.launch import Launch
+
+    def say(text: str, stream=sys.stderr) -> None:
+        if world.is_main:
+            print(text, file=stream, flush=True)
+
+    launch = Launch(experiment, cfg, run_dir, device, world=world)
+    code = _run_launch(launch, args.fresh, experiment, run_dir, world, say)
+    if world.size > 1 and launch.trainer is not None and launch.trainer.ending_agreed:
+        # an ending every rank took together: none leaves before rank 0 has said why (torchrun stops
+        # the others as soon as one rank exits with an error code)
+        world.barrier()
+    return code
+
+
+def _run_launch(launch, fresh: bool, experiment, run_dir: Path, world, say) -> int:
+    launch.prepare_on_every_rank(fresh)
+    cfg = launch.cfg
+    if launch.already_done_at is not None:
+        say(f"trainlab: {run_dir} already finished at step {launch.already_done_at} "
+            f"(train.steps={cfg.train.steps}); pass --steps N with a larger N to extend it, "
+            "or --fresh to start over", sys.stdout)
+        return 0
     for note in launch.notes:
-        print(f"trainlab: {note}", file=sys.stderr)
+        say(f"trainlab: {note}")
     keys = ("loss",) + experiment.train_metrics + experiment.eval_metrics
     try:
         result = launch.run()
     except TrainingStopped as exc:
-        print(f"trainlab: stopped: {exc} ({run_dir})", file=sys.stderr)
+        say(f"trainlab: stopped: {exc} ({run_dir})")
         return EXIT_STOPPED
     except Interrupted as exc:
-        print(f"trainlab: {exc.signal_name}: checkpoint saved; rerun the same command to resume ({run_dir})",
-              file=sys.stderr)
+        say(f"trainlab: {exc.signal_name}: checkpoint saved; rerun the same command to resume ({run_dir})")
         return exc.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C before the first one's checkpoint, or one outside the loop
-        print(f"trainlab: interrupted before a checkpoint could be saved; rerun the same command to resume "
-              f"from the last one ({run_dir})", file=sys.stderr)
+        say(f"trainlab: interrupted before a checkpoint could be saved; rerun the same command to resume "
+            f"from the last one ({run_dir})")
         return EXIT_SIGINT
     except UsageError:
         raise
     except Exception as exc:  # a training failure: the traceback goes to the run directory
-        log = run_dir / "error.log"
+        log = run_dir / ("error.log" if world.is_main else f"error.rank{world.rank}.log")
         try:
             log.write_text(traceback.format_exc(), encoding="utf-8")
         except OSError:
@@ -276,8 +346,8 @@ def cmd_run(args) -> int:
               file=sys.stderr)
         return EXIT_STOPPED
     ended = f" ({result.reason})" if result.reason else ""  # a time budget or --stop-at ended it early
-    print(f"trainlab: finished {run_dir.name} at step {result.step}/{result.total_steps}{ended}: "
-          f"{_summary(result.last_row, keys)} in {format_duration(result.elapsed_s)} -> {run_dir}")
+    say(f"trainlab: finished {run_dir.name} at step {result.step}/{result.total_steps}{ended}: "
+        f"{_summary(result.last_row, keys)} in {format_duration(result.elapsed_s)} -> {run_dir}", sys.stdout)
     return 0
 
 
@@ -473,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             args.child_command = child_command or []
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        print(f"trainlab: error: {brief(exc, None)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for the job
+            print(f"trainlab: error: {brief(exc, None)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("trainlab: interrupted", file=sys.stderr)

@@ -48,7 +48,8 @@ MAX_STEPS = 10**9
 class TrainConfig:
     steps: int = knob(1000, f"optimizer steps in the whole run, at most {MAX_STEPS:,}", ge=1)
     micro_batch: int = knob(32, "samples per forward/backward pass", ge=1)
-    accum: int = knob(1, "micro-batches per optimizer step (effective batch = micro_batch x accum)", ge=1)
+    accum: int = knob(1, "micro-batches per optimizer step on each process (effective batch = micro_batch x accum x "
+                               "processes under torchrun)", ge=1)
     clip: float = knob(1.0, "global gradient-norm clip; 0 disables clipping (the norm is still logged)", ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = knob(
         "auto", "auto = fp32 on CPU/MPS, bf16 on CUDA with bf16 support, else fp16 (with GradScaler)")
@@ -56,6 +57,9 @@ class TrainConfig:
     deterministic: bool = knob(True, "deterministic algorithms (bitwise-exact resume on CPU)")
     compile: bool = knob(False, "torch.compile the model for the training step (evaluation stays eager); the "
                                 "first steps pay the compilation")
+    allow_world_size_change: bool = knob(
+        False, "a resume under another number of processes (torchrun) is refused unless this is true: then "
+               "train.accum is rescaled so that micro_batch x accum x processes stays what the checkpoint had")
     nonfinite: Literal["stop", "warn", "skip", "rollback"] = knob(
         "stop", "a non-finite loss or gradient norm: stop (exit 1); warn; skip (a step with a non-finite "
                 "gradient norm is not applied -- costs one host sync per step); rollback (reload the last "

@@ -155,6 +155,11 @@ class Experiment(abc.ABC):
     #     at chance leave: sha256's acc with 2 words at chance is at most about (6 + 2 x 0.5) / 8).
     # Empty: no parts.
     parts: dict[str, Any] = {}
+    # Under torchrun, whether some trainable parameters may get no gradient in a step (a callback
+    # freezes a part mid-run, a branch is skipped): DistributedDataParallel then looks for them after
+    # each forward (find_unused_parameters, a walk of the graph) instead of waiting for their gradients
+    # for ever.  The engine turns it on by itself for an experiment with extra_updates.
+    parameters_may_go_unused: bool = False
 
     def check_config(self, cfg: Any) -> None:
         """Cross-section rules of this experiment; raise ConfigError. Called after typing.

@@ -6,6 +6,7 @@ Every refusal here happens before anything is written (exit code 2)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 from trainlab import config as config_mod
 from trainlab.config import RunConfig
 from trainlab.engine.callbacks import Callback, load_callback
-from trainlab.engine.checkpoint import CheckpointStore
+from trainlab.engine.checkpoint import MANIFEST, CheckpointStore
+from trainlab.engine.distributed import SINGLE, World
 from trainlab.engine.memory import refuse_if_it_cannot_fit
 from trainlab.engine.rundir import CONFIG_FILE, RunLock, check_usable, has_run, move_aside, read_run_config, read_status
 from trainlab.engine.trainer import RunResult, Trainer
@@ -140,13 +142,19 @@ class RunReport(Callback):
 class Launch:
     """What `trainlab run` decided: the run directory, and whether there is anything to do."""
 
-    def __init__(self, experiment: Experiment, cfg: RunConfig, run_dir: Path, device: torch.device):
+    def __init__(self, experiment: Experiment, cfg: RunConfig, run_dir: Path, device: torch.device,
+                 world: World = SINGLE, world_size: int | None = None):
         self.experiment, self.cfg, self.run_dir, self.device = experiment, cfg, run_dir, device
+        # this process's place under torchrun; world_size: the processes the run will have (`--nproc N`
+        # checks a resume before it starts them)
+        self.world = world
+        self.world_size = world_size or world.size
         self.notes: list[str] = []
         self.already_done_at: int | None = None
         self.config_changes: dict[str, tuple] = {}
         self.moved_to: Path | None = None
         self.user_callbacks: list[Callback] = []
+        self.trainer: Trainer | None = None
 
     def prepare(self, fresh: bool) -> None:
         """All checks; moves old contents aside for --fresh.  Raises UsageError before writing."""
@@ -168,6 +176,7 @@ class Launch:
             self.moved_to = move_aside(run_dir)
             self.notes.append(f"starting anew: the old contents of {run_dir} were moved to {self.moved_to}")
             return
+        self._check_world_size()
         saved = _read_saved_config(run_dir)
         new = config_mod.to_dict(cfg)
         if saved is not None:
@@ -184,6 +193,61 @@ class Launch:
         if status.get("state") == "finished" and newest_step >= cfg.train.steps:
             self.already_done_at = newest_step
 
+    def _check_world_size(self) -> None:
+        """A resume under another number of processes changes which micro-batches each rank draws and
+        the effective batch: refused, unless train.allow_world_size_change, which rescales train.accum
+        so that micro_batch x accum x processes stays what the newest checkpoint had."""
+        newest = CheckpointStore(self.run_dir / "checkpoints", self.cfg.ckpt.keep).complete_dirs()
+        if not newest:
+            return
+        try:
+            info = json.loads((newest[-1] / MANIFEST).read_text(encoding="utf-8")).get("info", {})
+            saved_world, saved_accum = int(info.get("world_size", 1)), int(info.get("accum", self.cfg.train.accum))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return  # a broken manifest: the resume sets that checkpoint aside and says so
+        n, t = self.world_size, self.cfg.train
+        if saved_world == n:
+            return
+        micro_batches = saved_world * saved_accum  # per optimizer step, over all ranks
+        if not t.allow_world_size_change:
+            raise UsageError(
+                f"run directory {self.run_dir}: its checkpoint {newest[-1].name} was trained with {saved_world} "
+                f"process{'es' if saved_world > 1 else ''} and this run has {n}; rerun with "
+                f"{'--nproc ' + str(saved_world) if saved_world > 1 else 'one process'}, or pass --set "
+                f"train.allow_world_size_change=true to rescale train.accum (effective batch {t.micro_batch} x "
+                f"{micro_batches} micro-batches)")
+        if micro_batches % n:
+            raise UsageError(
+                f"run directory {self.run_dir}: train.allow_world_size_change cannot keep the effective batch: the "
+                f"checkpoint has {saved_world} x {saved_accum} = {micro_batches} micro-batches per step, which "
+                f"{n} processes cannot share evenly; allowed here: a process count dividing {micro_batches}")
+        accum = micro_batches // n
+        self.notes.append(f"{saved_world} -> {n} processes: train.accum {saved_accum} -> {accum} keeps the effective "
+                          f"batch {t.micro_batch} x {accum} x {n} = {t.micro_batch * micro_batches}")
+        t.accum = accum
+
+    def prepare_on_every_rank(self, fresh: bool) -> None:
+        """prepare() under torchrun: rank 0 checks (and moves aside, for --fresh), the others take its
+        outcome -- the same config, or the same refusal (which only rank 0 prints)."""
+        if self.world.size == 1:
+            self.prepare(fresh)
+            return
+        outcome = None
+        if self.world.is_main:
+            try:
+                self.prepare(fresh)
+                outcome = ("ready", self.cfg, self.already_done_at, self.config_changes)
+            except UsageError as exc:
+                outcome = ("refused", str(exc))
+        outcome = self.world.share(outcome)
+        if outcome[0] == "refused":
+            raise UsageError(outcome[1])
+        if not self.world.is_main:
+            _, self.cfg, self.already_done_at, self.config_changes = outcome
+            # the user's callbacks that run on every rank (all_ranks) are needed here too
+            self.user_callbacks = [load_callback(spec.path, spec.kwargs, f"callbacks[{i}]")
+                                   for i, spec in enumerate(self.cfg.callbacks)]
+
     def write_config(self) -> None:
         path = self.run_dir / CONFIG_FILE
         text = config_mod.dump_yaml(self.cfg)
@@ -197,7 +261,11 @@ class Launch:
 
     @contextlib.contextmanager
     def holding(self):
-        """The run directory created, locked for this process, with the resolved config in it."""
+        """The run directory created, locked for this process, with the resolved config in it (under
+        torchrun: by rank 0, which holds the lock for the whole job)."""
+        if not self.world.is_main:
+            yield
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir)
         lock.acquire()
@@ -211,12 +279,15 @@ class Launch:
         """trainlab's own first (the report before the trackers, which upload it), then the user's."""
         from trainlab.trackers import build_trackers
 
+        if not self.world.is_main:  # the report and the trackers write: rank 0's alone
+            return [*run_watchers(self.cfg, self.experiment, self.run_dir), *self.user_callbacks]
         return [*run_watchers(self.cfg, self.experiment, self.run_dir), RunReport(),
                 *build_trackers(self.cfg, self.run_dir), *self.user_callbacks]
 
     def run(self) -> RunResult:
         with self.holding():
-            trainer = Trainer(self.cfg, self.experiment, self.run_dir, self.device, callbacks=self.callbacks())
+            self.trainer = trainer = Trainer(self.cfg, self.experiment, self.run_dir, self.device,
+                                             callbacks=self.callbacks(), world=self.world)
             if self.config_changes:
                 trainer.pending_events.append({"kind": "config_changed", "changes": {
                     k: [a, b] for k, (a, b) in self.config_changes.items()}})

@@ -63,6 +63,12 @@ class Evaluation:
 class Callback:
     """Base class of every callback; see the module docstring for the events and their order."""
 
+    # Under torchrun, a callback runs on rank 0 only (the one that writes the run directory), unless it
+    # steers the training itself on every rank -- freezes parameters, say -- and so must run on each:
+    # then all_ranks = True, and it sees the same rows on every rank.  A stop or rollback a callback
+    # asks for on rank 0 is agreed by every rank at the end of the step.
+    all_ranks: bool = False
+
     @property
     def key(self) -> str:
         """Where this callback's state is kept in a checkpoint; two callbacks of one class in one run

@@ -161,6 +161,20 @@ class EventLog:
         self._fh.close()
 
 
+class NullLog:
+    """What a rank other than 0 writes to: nothing (rank 0 keeps the run directory's logs)."""
+
+    def __init__(self, run_dir: Path, name: str = EVENTS_FILE):
+        self.path = run_dir / name
+        self.torn_tail, self.dropped = "", set()
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
     out = []
     try:

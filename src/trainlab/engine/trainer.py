@@ -25,6 +25,7 @@ make the same point -- a sync per step costs real throughput on a GPU).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -41,12 +42,14 @@ from trainlab.engine import schedules
 from trainlab.engine.callbacks import EVENTS, Callback, Evaluation, overrides
 from trainlab.engine.checkpoint import CheckpointStore
 from trainlab.engine.curriculum import Curriculum
-from trainlab.engine.logs import ARRAYS_FILE, METRICS_FILE, SAMPLES_FILE, EventLog, MetricsLog, read_events, read_metrics
+from trainlab.engine.distributed import OUT_OF_MEMORY, ROLLBACK, SIGNAL, SINGLE, STOP, World
+from trainlab.engine.logs import (ARRAYS_FILE, METRICS_FILE, SAMPLES_FILE, EventLog, MetricsLog, NullLog, read_events,
+                                  read_metrics)
 from trainlab.engine.memory import MemoryGuard, empty_device_cache
 from trainlab.engine.progress import Progress, format_rate
 from trainlab.engine.rundir import write_status
 from trainlab.engine.state import rng_state, seed_everything, set_rng_state
-from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped
+from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, TrainingStopped, UsageError
 from trainlab.experiment import Experiment, StepContext
 from trainlab.formatting import format_duration
 from trainlab.optim import build_optimizer, width_lr_factor
@@ -135,8 +138,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, experiment: Experiment, run_dir: Path, device: torch.device,
                  callbacks: list[Callback] | None = None, max_seconds: float | None = None,
-                 stop_at: int | None = None, schedule_steps: int | None = None):
+                 stop_at: int | None = None, schedule_steps: int | None = None, world: World = SINGLE):
         self.cfg = cfg
+        # this process's rank under torchrun: rank 0 writes the run directory and the terminal, every
+        # rank trains its share of each step's micro-batches
+        self.world = world
         self.exp = experiment
         self.run_dir = run_dir
         self.device = device
@@ -145,6 +151,8 @@ class Trainer:
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"Trainer callbacks must be trainlab.Callback instances, got {type(cb).__name__}")
+        if not world.is_main:  # the others write files or the terminal: rank 0's alone
+            self.callbacks = [cb for cb in self.callbacks if cb.all_ranks]
         keys = [cb.key for cb in self.callbacks]
         clash = sorted({k for k in keys if keys.count(k) > 1})
         if clash:
@@ -185,6 +193,7 @@ class Trainer:
         self._last_log_step = 0
         self._loop_start_step = 0
         self._timing_pending = True  # until the first steps' rate has been shown (early or at a log step)
+        self.ending_agreed = False  # a stop every rank takes at the same step (not one rank's failure)
 
     # ------------------------------------------------------------------ setup
     def _setup(self, resources: contextlib.ExitStack) -> None:
@@ -194,36 +203,59 @@ class Trainer:
             if device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # the same seed on every rank: the same initial weights, and the same RNG draws per step, so rank
+        # 0's saved RNG state is every rank's (a consequence: dropout masks are the same on every rank)
         seed_everything(cfg.train.seed)
         self.model = self.exp.build_model(cfg).to(device)
         self.model.train()
+        self._setup_extra_updates()
+        self.ddp = self._data_parallel(self.model) if self.world.distributed else None
         # the compiled wrapper runs the training step; checkpoints, evaluation and samples use the module
         # itself (its state_dict keys stay unprefixed, and evaluation shapes cause no recompiles)
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.events = EventLog(self.run_dir)
+        trained = self.ddp if self.ddp is not None else self.model
+        self.step_model = torch.compile(trained) if cfg.train.compile else trained
+        log = EventLog if self.world.is_main else NullLog
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.events = log(self.run_dir)
         resources.callback(self.events.close)
-        self.arrays = EventLog(self.run_dir, ARRAYS_FILE)
+        self.arrays = log(self.run_dir, ARRAYS_FILE)
         resources.callback(self.arrays.close)
         # only experiments that draw samples get a samples.jsonl
         draws_samples = type(self.exp).samples is not Experiment.samples
-        self.samples = EventLog(self.run_dir, SAMPLES_FILE) if draws_samples else None
+        self.samples = log(self.run_dir, SAMPLES_FILE) if draws_samples else None
         if self.samples is not None:
             resources.callback(self.samples.close)
-        self.data = self.exp.build_data(cfg, device)
+        # the data of a step is world x accum micro-batches, as for one process with that accumulation:
+        # rank r draws micro-batches r, world + r, 2 world + r, ... (see _forward_backward)
+        data_cfg = cfg if self.world.size == 1 else dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, accum=cfg.train.accum * self.world.size))
+        self.data = self.exp.build_data(data_cfg, device)
         close = getattr(self.data, "close", None)  # a data stream with a producer process to stop
         if callable(close):
             resources.callback(close)
         attach = getattr(self.data, "attach", None)
         if callable(attach):  # a data stream may report events (a restarted producer, say)
             attach(self.events.write)
-        self._setup_extra_updates()
         self.optimizer = build_optimizer(cfg.optim, self.model, device, exclude=self.extra_params)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.curriculum = Curriculum(cfg.curriculum, device)
         self.guard = MemoryGuard(cfg.memory, device)
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.ckpt.keep, self.events.write)
-        self.attempt = 1 + sum(e.get("kind") in ("start", "resume") for e in read_events(self.events.path))
+        self.attempt = self.world.share(
+            1 + sum(e.get("kind") in ("start", "resume") for e in read_events(self.events.path))
+            if self.world.is_main else None)
+
+    def _data_parallel(self, model: torch.nn.Module):
+        """The model under DistributedDataParallel (torchrun): its gradients averaged over ranks in the
+        backward of each step's last micro-batch.  Rank 0's weights reach every rank here."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        # a parameter that gets no gradient in a step (a part frozen mid-run, an extra update's own
+        # parameters in the main loss's backward) would make DDP wait for it: look for such ones
+        unused = self.exp.parameters_may_go_unused or bool(self.extra_updates)
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=unused)
 
     def _setup_extra_updates(self) -> None:
         """The experiment's ExtraUpdates (a GAN's critic, say): each one's optimizer over its own
@@ -247,6 +279,11 @@ class Trainer:
             self.extra_optimizers[extra.name] = (extra.optimizer(params), scaler)
         self.extra_params = frozenset(owned)
 
+    def _backend(self) -> str:
+        import torch.distributed as dist
+
+        return dist.get_backend() if dist.is_initialized() else "none"
+
     def _fire(self, event: str, *args) -> None:
         for hook in self._hooks[event]:
             hook(self, *args)
@@ -268,14 +305,24 @@ class Trainer:
         return cols
 
     def _say(self, text: str) -> None:
-        """One line on the terminal (stderr), beside the progress: what a person must know at once."""
-        print(f"trainlab: {text}", file=sys.stderr, flush=True)
+        """One line on the terminal (stderr), beside the progress: what a person must know at once
+        (rank 0's; under torchrun the others keep quiet)."""
+        if self.world.is_main:
+            print(f"trainlab: {text}", file=sys.stderr, flush=True)
+
+    def _write_status(self, state: str, **extra) -> None:
+        if self.world.is_main:
+            write_status(self.run_dir, state, self.step, total_steps=self.cfg.train.steps, **extra)
 
     def _resume(self) -> None:
-        self.store.sweep_incomplete()
-        broken_before = len(self.store.found_broken)
-        ckpt = self.store.latest_valid()
-        broken = self.store.found_broken[broken_before:]
+        # rank 0 chooses (and sets aside what is broken); every rank loads the checkpoint it chose
+        ckpt, broken = None, []
+        if self.world.is_main:
+            self.store.sweep_incomplete()
+            broken_before = len(self.store.found_broken)
+            ckpt = self.store.latest_valid()
+            broken = self.store.found_broken[broken_before:]
+        ckpt, broken = self.world.share((ckpt, broken))
         if broken:
             name, problem = broken[0]
             more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
@@ -285,12 +332,16 @@ class Trainer:
         if ckpt is None:
             counts = parameter_counts(self.model)
             self.events.write({"kind": "start", "attempt": self.attempt, "device": str(self.device),
+                               "world_size": self.world.size,
                                "precision": self.precision, "pid": os.getpid(), **counts})
-            t = self.cfg.train
+            t, n = self.cfg.train, self.world.size
             if self.cfg.log.progress != "off":  # off: the terminal carries only what went wrong
+                batch = (f"{t.micro_batch} x {t.accum} = {t.micro_batch * t.accum}" if n == 1 else
+                         f"{t.micro_batch} x {t.accum} x {n} processes = {t.micro_batch * t.accum * n}")
+                where = f"{self.device}" if n == 1 else f"{self.device.type} ({n} ranks, {self._backend()})"
                 self._say(f"starting {self.run_dir.name}: {counts['params']:,} parameters "
-                          f"({counts['params_embedding']:,} in embeddings), effective batch {t.micro_batch} x "
-                          f"{t.accum} = {t.micro_batch * t.accum}, {self.precision} on {self.device}")
+                          f"({counts['params_embedding']:,} in embeddings), effective batch {batch}, "
+                          f"{self.precision} on {where}")
             if self.base_lr != self.cfg.optim.lr:
                 self.events.write({"kind": "lr_scaled", "rule": self.cfg.optim.lr_scale,
                                    "width": self.exp.width(self.cfg), "base": self.cfg.optim.lr_scale_base,
@@ -306,6 +357,15 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         """Everything but the weights (already loaded) from a checkpoint's state."""
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world.size and not self.cfg.train.allow_world_size_change:
+            raise UsageError(f"{self.run_dir}: its checkpoint was trained with {saved_world} processes and this run "
+                             f"has {self.world.size}; pass --set train.allow_world_size_change=true to go on")
+        # under torchrun: this rank's own share of the steps since the last log row (another world
+        # size: rank 0's, for every rank)
+        own = state.get("ranks", [])
+        if len(own) == self.world.size:
+            state = {**state, **own[self.world.rank]}
         # torch restores the saved hyperparameters with the state; the config is the truth, so a
         # weight decay or betas changed on resume take effect (lr is set every step anyway)
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -364,19 +424,22 @@ class Trainer:
     def _rollback(self, alert: dict) -> None:
         """Reload the newest whole checkpoint from before the alert's onset, scale the LR, go on."""
         health = self.cfg.health
+        self.ending_agreed = True  # every rank rolls back together, and so stops together if it cannot
         if self.rollbacks >= health.rollback_max:
             raise TrainingStopped(f"health policy: {alert['message']}; stopped after {self.rollbacks} rollbacks "
                                   f"(health.rollback_max={health.rollback_max})")
         onset = int(alert.get("evidence", {}).get("onset_step", alert["step"]))
-        ckpt = self.store.latest_valid(before_step=onset)
+        ckpt = self.world.share(self.store.latest_valid(before_step=onset) if self.world.is_main else None)
         if ckpt is None:
             raise TrainingStopped(f"health policy: {alert['message']}; rollback found no checkpoint before "
                                   f"step {onset}")
+        self.ending_agreed = False
         rollbacks, lr_scale = self.rollbacks, self.lr_scale  # these carry over; the rest is reloaded
         self._restore(self.store.load(ckpt, self.model, self.device))
         # newer checkpoints hold the run being discarded: the retry's save of such a step would keep
         # them (a whole folder is not rewritten), and a resume would continue the discarded run
-        self.store.set_aside_from(ckpt.step + 1, f"discarded by the rollback to step {ckpt.step}")
+        if self.world.is_main:
+            self.store.set_aside_from(ckpt.step + 1, f"discarded by the rollback to step {ckpt.step}")
         self.rollbacks = rollbacks + 1
         self.lr_scale = lr_scale * health.rollback_lr_factor
         self._last_log_step = self.step  # the next row's interval starts at the restored step
@@ -389,6 +452,7 @@ class Trainer:
     def _state(self, elapsed: float) -> dict:
         return {
             "step": self.step,
+            "world_size": self.world.size,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "curriculum": self.curriculum.state_dict() if self.curriculum.enabled else {},
@@ -420,21 +484,39 @@ class Trainer:
         return better
 
     def _checkpoint(self, elapsed: float, reason: str) -> Path:
+        """Every rank comes here at the same step; rank 0 writes."""
+        # each rank's own share, saved beside rank 0's state: a checkpoint between log steps (a signal's)
+        # resumes every rank with its own sums, so the next row is the uninterrupted run's to the bit
+        shares = self.world.gather(self._own_share()) if self.world.size > 1 else None
         best = self._is_best()
+        # the process count and accumulation, for `trainlab run` to check a resume before anything is written
         info = {"reason": reason, "loss": self.last_values.get("loss"),
-                "best_metric": self.cfg.ckpt.best_metric or None, "best_value": self.best_value}
-        path = self.store.save(self.step, self.model, self._state(elapsed), info, best=best)
+                "best_metric": self.cfg.ckpt.best_metric or None, "best_value": self.best_value,
+                "world_size": self.world.size, "accum": self.cfg.train.accum}
+        if self.world.is_main:
+            state = self._state(elapsed)
+            if shares is not None:
+                state["ranks"] = shares
+            path = self.store.save(self.step, self.model, state, info, best=best)
+        else:
+            from trainlab.engine.checkpoint import step_dir_name
+
+            path = self.store.root / step_dir_name(self.step)
         self.events.write({"kind": "checkpoint", "step": self.step, "path": str(path), "reason": reason,
                            "best": best})
-        write_status(self.run_dir, "running", self.step, total_steps=self.cfg.train.steps)
+        self._write_status("running")
         self._fire("on_checkpoint", path, reason)
         return path
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self._signal is not None:  # a second signal: the user insists
-            raise KeyboardInterrupt
+        if self._signal is not None:
+            if self.world.distributed:
+                # torchrun passes the signal it got on to every rank, and a terminal's Ctrl-C reached them
+                # already: a second one is that echo.  Insisting is torchrun's: SIGKILL after its grace.
+                return
+            raise KeyboardInterrupt  # a second signal: the user insists
         self._signal = (name, EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
 
     # ------------------------------------------------------------------ one optimizer step
@@ -521,22 +603,47 @@ class Trainer:
         activations).  Returns the step's loss and metrics, weighted means over the pieces."""
         loss_fn = loss_fn or self.exp.loss
         scaler = scaler or self.scaler
-        accum = self.cfg.train.accum
+        accum, world = self.cfg.train.accum, self.world
         step_loss = None
         step_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            batch = self.data.batch(self.step, micro, ctx.level)
-            for piece, share in split_batch(batch, self.micro_split, self.cfg.train.micro_batch):
+            # this rank's share of the step's world x accum micro-batches (world 1: micro itself)
+            batch = self.data.batch(self.step, micro * world.size + world.rank, ctx.level)
+            pieces = split_batch(batch, self.micro_split, self.cfg.train.micro_batch)
+            for i, (piece, share) in enumerate(pieces):
+                # DDP all-reduces the gradients in the backward of the step's last piece only
+                final = micro == accum - 1 and i == len(pieces) - 1
+                if final and world.size > 1 and accum * len(pieces) > 1 and self._agree_out_of_memory(False):
+                    raise torch.OutOfMemoryError("out of memory on another rank")  # every rank splits
                 weight = share / accum  # a piece's loss is a mean over its samples: weight it by its size
-                with autocast_context(self.precision, self.device):
-                    loss, metrics = loss_fn(self.step_model, piece, ctx)
-                scaler.scale(loss * weight).backward()
+                try:
+                    with contextlib.nullcontext() if final or self.ddp is None else self.ddp.no_sync():
+                        with autocast_context(self.precision, self.device):
+                            loss, metrics = loss_fn(self.step_model, piece, ctx)
+                        scaler.scale(loss * weight).backward()
+                except torch.OutOfMemoryError:
+                    if world.size == 1:
+                        raise
+                    if final:
+                        # the other ranks are in this backward's all-reduce, waiting for this one's gradients
+                        raise TrainingStopped(
+                            f"out of device memory on rank {world.rank} at step {self.step + 1} in the last "
+                            "micro-batch, whose backward all-reduces the gradients: with several processes it "
+                            "cannot be retried alone; rerun with a smaller train.micro_batch and a larger "
+                            "train.accum (the same effective batch)") from None
+                    self._agree_out_of_memory(True)
+                    raise
                 part = loss.detach().float() * weight
                 step_loss = part if step_loss is None else step_loss + part
                 for k, v in metrics.items():
                     part = v.detach().float() * weight
                     step_metrics[k] = part if k not in step_metrics else step_metrics[k] + part
         return step_loss, step_metrics
+
+    def _agree_out_of_memory(self, here: bool) -> bool:
+        """Whether any rank ran out of memory in this step's pieces before the last one: every rank asks
+        exactly once per try of a step (at its failure, or before its last piece)."""
+        return bool(self.world.agree([0, 0, 0, int(here)])[OUT_OF_MEMORY])
 
     def _extra_update(self, extra, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One step of an ExtraUpdate's optimizer, on the micro-batches of the main step just taken."""
@@ -557,6 +664,7 @@ class Trainer:
         empty_device_cache(self.device)
         micro_batch = self.cfg.train.micro_batch
         if micro_batch // (self.micro_split * 2) < 1:
+            self.ending_agreed = True  # every rank splits together, so every rank gets here
             raise TrainingStopped(f"out of device memory at step {self.step + 1} with a micro-batch of "
                                   f"{micro_batch // self.micro_split}; it cannot be halved below 1")
         self.micro_split *= 2
@@ -624,7 +732,12 @@ class Trainer:
         if self.precision == "fp16":
             names += ["amp_scale", "amp_skipped"]
             tensors += [self.scaler._scale.float().reshape(()), self.amp_skipped.reshape(())]
-        values = torch.stack([t.to(self.device) for t in tensors]).tolist() if tensors else []  # <- the sync
+        stacked = torch.stack([t.to(self.device) for t in tensors]) if tensors else None
+        if stacked is not None and self.world.size > 1:
+            # every rank's interval (and its evaluation: the same weights give the same numbers) averaged --
+            # a collective only here, once per log interval
+            self.world.mean(stacked)
+        values = stacked.tolist() if stacked is not None else []  # <- the sync
         row: dict[str, Any] = dict(zip(names, values))
         if _APPLIED in row:  # grad_norm over the steps GradScaler applied; none applied: not measured
             applied_share = row.pop(_APPLIED)
@@ -640,12 +753,15 @@ class Trainer:
             row["phase"] = self.curriculum.phase
             row["threshold"] = self.cfg.curriculum.gates[self.curriculum.phase]
             row["gate_mean"] = self.curriculum.running_mean()
-        unit = self.exp.items_per_sample(self.cfg) * self.cfg.train.micro_batch * self.cfg.train.accum
+        unit = self.exp.items_per_sample(self.cfg) * self.cfg.train.micro_batch * self.cfg.train.accum * self.world.size
         row[f"{self.exp.throughput_unit}_per_s"] = round(unit * steps_in_dt / dt, 2) if dt > 0 else None
         mem = self.guard.read()
         row.update(ram_gb=round(mem.host_gb, 4), peak_ram_gb=round(self.guard.peak_host_gb, 4),
                    dev_mem_gb=round(mem.device_gb, 4), peak_dev_mem_gb=round(self.guard.peak_device_gb, 4))
         self.interval = _Interval()
+        # rank 0's row on every rank (its clock, its memory): every rank's detectors and policies decide
+        # on the same numbers, so they take the same decisions at the same step
+        row = self.world.share(row)
         self.last_values.update({k: v for k, v in row.items() if isinstance(v, (int, float))})
         return row
 
@@ -658,7 +774,8 @@ class Trainer:
             self._resume()
             for event in self.pending_events:
                 self.events.write({**event, "step": self.step})
-            metrics_log = MetricsLog(self.run_dir, self._columns())
+            metrics_log = (MetricsLog(self.run_dir, self._columns()) if self.world.is_main
+                           else NullLog(self.run_dir, METRICS_FILE))
             resources.callback(metrics_log.close)
             if metrics_log.torn_tail:
                 self.events.write({"kind": "metrics_torn_row_removed", "text": metrics_log.torn_tail})
@@ -667,9 +784,10 @@ class Trainer:
                                    "why": "metrics.csv keeps the header it was created with"})
             name = f"{self.exp.name}-{cfg.preset}" if cfg.preset else self.exp.name
             label = str(self.run_dir) if self.run_dir.name == name else f"{self.run_dir} ({name})"
-            progress = Progress(cfg.log.progress, total, self.step, label, cfg.log.plain_interval_s)
+            progress = Progress(cfg.log.progress if self.world.is_main else "off", total, self.step, label,
+                                cfg.log.plain_interval_s)
             resources.callback(progress.close)
-            write_status(self.run_dir, "running", self.step, total_steps=total, attempt=self.attempt)
+            self._write_status("running", attempt=self.attempt)
             previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
             resources.callback(lambda: [signal.signal(s, handler) for s, handler in previous.items()])
             self.last_row = dict(self.last_values)
@@ -695,10 +813,14 @@ class Trainer:
                 progress.close()  # the bar's last line before anything a callback prints
                 self.events.write({"kind": {"finished": "finish"}.get(state, state), "step": self.step,
                                    "reason": reason, "elapsed_s": round(self._elapsed(), 3)})
-                write_status(self.run_dir, state, self.step, total_steps=total, reason=reason,
-                             attempt=self.attempt)
+                self._write_status(state, reason=reason, attempt=self.attempt)
                 self.result = RunResult(state, self.step, total, self.last_row, self._elapsed(), reason, error)
                 self._end_callbacks(self.result)
+                self.ending_agreed = self.ending_agreed or error is None
+                if self.world.size > 1 and self.ending_agreed:
+                    # an ending every rank agreed on: none exits before rank 0 has written everything
+                    # (torchrun stops the others as soon as one rank exits with an error code)
+                    self.world.barrier()
         return self.result
 
     def _loop(self, metrics_log: MetricsLog, progress: Progress) -> str:
@@ -718,8 +840,10 @@ class Trainer:
                 alert, self._rollback_request = self._rollback_request, None
                 self._rollback(alert)
             self._train_step(params)
-            out_of_time = ((self.max_seconds is not None and time.monotonic() - self._t0 >= self.max_seconds)
-                           or self.step == self.stop_at)
+            over_budget = self.max_seconds is not None and time.monotonic() - self._t0 >= self.max_seconds
+            if self.max_seconds is not None and self.world.size > 1:  # every rank's clock: all end together
+                over_budget = bool(self.world.agree([int(over_budget)])[0])
+            out_of_time = over_budget or self.step == self.stop_at
             is_last = self.step == total or out_of_time
             do_eval = (cfg.eval.every and self.step % cfg.eval.every == 0) or (is_last and cfg.eval.at_end)
             eval_metrics = self._evaluate(self.curriculum.level) if do_eval else {}
@@ -801,6 +925,7 @@ class Trainer:
         self._check_finite(row, first_step)
         if self._stop is not None and not self._stop.checkpoint:
             return row  # broken weights: no promotion, no phase-end evaluation
+        self._reduce_curriculum()
         promotion = self.curriculum.maybe_promote(self.step)
         if promotion:
             self.events.write(promotion)
@@ -814,17 +939,57 @@ class Trainer:
         if self._stop is None and self.guard.watching and self.step % self.cfg.memory.every == 0:
             problem = self.guard.check(self.events.write)
             if problem:
-                self.request_stop(f"memory guard: {problem} at step {self.step}", source="memory guard")
+                where = f" on rank {self.world.rank}" if self.world.size > 1 else ""
+                self.request_stop(f"memory guard: {problem}{where} at step {self.step}", source="memory guard")
+        self._agree_on_requests()
         if self._stop is not None:
             request, self._stop = self._stop, None
             if not request.checkpoint:
+                self.ending_agreed = True
                 raise TrainingStopped(request.reason)
             path = self._checkpoint(self._elapsed(), request.source)
+            self.ending_agreed = True
             raise TrainingStopped(f"{request.reason}; checkpoint saved to {path}")
         if self._signal is not None:
             name, code = self._signal
             self._checkpoint(self._elapsed(), name)
+            self.ending_agreed = True
             raise Interrupted(name, code)
+
+    def _agree_on_requests(self) -> None:
+        """Under torchrun, every rank ends the step knowing what any rank was asked: a signal (one rank
+        may have got it before the others), a stop (the memory guard of one rank, a callback on rank 0)
+        or a rollback -- so all stop, checkpoint or roll back at this same step.  One small collective
+        on the host per step; the requests themselves are exchanged only when there is one."""
+        if self.world.size == 1:
+            return
+        mine = [0, 0, 0, 0]
+        mine[SIGNAL] = int(self._signal is not None)
+        mine[STOP] = int(self._stop is not None)
+        mine[ROLLBACK] = int(self._rollback_request is not None)
+        if not any(self.world.agree(mine)):
+            return
+        asked = self.world.gather((self._signal, self._stop, self._rollback_request))
+        signals = [a[0] for a in asked if a[0] is not None]
+        stops = [a[1] for a in asked if a[1] is not None]
+        rollbacks = [a[2] for a in asked if a[2] is not None]
+        if signals:
+            self._signal = signals[0]  # the lowest rank's
+        if stops:  # as request_stop decides: one without a checkpoint wins, else the first reason stands
+            unsafe = [r for r in stops if not r.checkpoint]
+            self._stop = unsafe[0] if unsafe else stops[0]
+        if rollbacks:
+            self._rollback_request = rollbacks[0]
+
+    def _own_share(self) -> dict:
+        """What a rank keeps of its own micro-batches between log steps: the interval's sums and the
+        curriculum's gate values (averaged over ranks only at log steps)."""
+        return {"interval": self.interval.state_dict(),
+                "curriculum": self.curriculum.state_dict() if self.curriculum.enabled else {}}
+
+    def _reduce_curriculum(self) -> None:
+        if self.world.size > 1 and self.curriculum.enabled:
+            self.world.mean(self.curriculum.history)
 
     def _check_finite(self, row: dict, first_step: int) -> None:
         """A non-finite loss or gradient norm in the interval first_step..step, by train.nonfinite."""
@@ -838,7 +1003,8 @@ class Trainer:
         if policy in ("warn", "skip"):  # skip: the broken steps were not applied; the row still shows them
             return
         # checkpoints written inside the broken interval may hold broken weights: set them aside
-        self.store.set_aside_from(first_step, f"saved inside the non-finite interval {first_step}-{self.step}")
+        if self.world.is_main:
+            self.store.set_aside_from(first_step, f"saved inside the non-finite interval {first_step}-{self.step}")
         if policy == "stop":
             self.request_stop(f"non-finite {detail} in the log interval {first_step}-{self.step}; "
                               "no checkpoint from that interval is kept (train.nonfinite=stop)", checkpoint=False)

@@ -15,7 +15,10 @@ from trainlab.health.detectors import build_detectors, policy_of
 class HealthMonitor(Callback):
     """The live detectors as a callback.  Their state is not saved in the checkpoint: it is a
     function of the metric rows, so a resume or a rollback replays the rows up to the restored step
-    (the same rows, so the same state, and no alert is written twice)."""
+    (the same rows, so the same state, and no alert is written twice).  It runs on every rank of a
+    torchrun job: the rows are the same on each, so each takes the same decision at the same step."""
+
+    all_ranks = True
 
     def __init__(self, cfg: RunConfig, baseline: float):
         self.cfg = cfg

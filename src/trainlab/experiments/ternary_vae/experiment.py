@@ -111,6 +111,7 @@ class TernaryVAEExperiment(Experiment):
     name = "ternary_vae"
     description = ("a VAE over all 3^9 ternary operations with Poincare-ball latents, 3-adic hierarchy losses and a "
                    "homeostasis controller that freezes and unfreezes its parts (the ternary VAE study)")
+    parameters_may_go_unused = True  # the homeostasis controller freezes encoders and the decoder mid-run
     model_config = TernaryVAEModelConfig
     data_config = TernaryVAEDataConfig
     loss_config = TernaryVAELossConfig

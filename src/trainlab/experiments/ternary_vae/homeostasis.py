@@ -37,6 +37,7 @@ EVENT = "homeostasis"
 
 class HomeostasisController(Callback):
     key = "ternary_vae.homeostasis"
+    all_ranks = True  # it freezes parts of the model: every rank must freeze the same, at the same step
 
     def __init__(self, coverage_freeze: float, coverage_unfreeze: float, plateau_evals: int, plateau_delta: float,
                  b_rest_evals: int, relax_step: float, min_q_gain: float):
