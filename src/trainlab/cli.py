@@ -163,8 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override for every point (repeatable)")
     sweep.add_argument("--steps", type=int, help="train.steps of every point")
     sweep.add_argument("--parallel", type=int, help="points running at once (default 1)")
+    sweep.add_argument("--nproc-per-point", type=int, metavar="N",
+                       help="processes per point: each point runs as a torchrun job of N ranks (data-parallel; "
+                            "`trainlab run --nproc N`); default 1")
     sweep.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device of every point (default auto)")
-    sweep.add_argument("--gpus", help="comma-separated GPU indices: each point gets one (least busy first); "
+    sweep.add_argument("--gpus", help="comma-separated GPU indices: each point gets one, or N with --nproc-per-point N "
+                                      "(least busy first); "
                                       "default: points share the visible GPUs")
     sweep.add_argument("--sweep-dir", help="where the points' run directories go (default runs/sweep-<experiment>-"
                                            "<preset>-<grid keys>)")

@@ -51,16 +51,23 @@ def build_spec(args) -> SweepSpec:
     parallel = args.parallel if args.parallel is not None else file.get("parallel", 1)
     if parallel < 1:
         raise UsageError(f"--parallel {parallel}: must be >= 1")
+    nproc = args.nproc_per_point if args.nproc_per_point is not None else file.get("nproc_per_point", 1)
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-point {nproc}: must be >= 1")
     gpus = args.gpus.split(",") if args.gpus else file.get("gpus", [])
     if any(not g.strip().isdigit() for g in gpus):
         raise UsageError(f"--gpus {','.join(gpus)}: expected comma-separated GPU indices, e.g. --gpus 0,1")
     gpus = gpu_ids([g.strip() for g in gpus], os.environ.get("CUDA_VISIBLE_DEVICES"))
+    backend = args.backend or file.get("backend", "local")
+    if gpus and backend == "local" and nproc > len(gpus):
+        raise UsageError(f"--nproc-per-point {nproc}: a point needs {nproc} distinct GPUs but --gpus gives "
+                         f"{len(gpus)}; give at most {len(gpus)} or more --gpus indices")
     steps = args.steps if args.steps is not None else file.get("steps")
     if steps is not None and steps < 1:
         raise UsageError(f"--steps {steps}: must be >= 1")
     return SweepSpec(target=target, preset=args.preset or file.get("preset"), sets=sets, steps=steps, grid=grid,
                      device=args.device or file.get("device", "auto"), parallel=parallel,
-                     backend=args.backend or file.get("backend", "local"), gpus=gpus)
+                     backend=backend, gpus=gpus, nproc_per_point=nproc)
 
 
 def print_sweep_report(sweep_dir: Path, at: list[int] | None = None, diverse_above: float | None = None) -> None:
@@ -95,8 +102,9 @@ def run_sweep_command(args) -> int:
                              "--backend local")
         import torch
 
+        # one GPU for each of a point's ranks
         per_point = args.gpus_per_point if args.gpus_per_point is not None else \
-            (1.0 if torch.cuda.is_available() else 0.0)
+            (float(spec.nproc_per_point) if torch.cuda.is_available() else 0.0)
         if per_point < 0:
             raise UsageError(f"--gpus-per-point {per_point}: must be >= 0")
     points = spec.points()
@@ -124,7 +132,9 @@ def run_sweep_command(args) -> int:
         states.append(state)
     skipped = sum(s.state == "skipped" for s in states)
     print(f"trainlab: sweep of {len(points)} points into {sweep_dir} ({skipped} finished before, skipped); "
-          f"{spec.parallel} at a time, backend {spec.backend}; logs in {sweep_dir / 'logs'}", flush=True)
+          f"{spec.parallel} at a time"
+          f"{f', {spec.nproc_per_point} processes per point' if spec.nproc_per_point > 1 else ''}, "
+          f"backend {spec.backend}; logs in {sweep_dir / 'logs'}", flush=True)
     metric = cfg.health.collapse_metric
     table = Table(states, metric)
     table.update(force=True)

@@ -10,8 +10,12 @@ Backends
   `--gpus 0,1` means physical GPUs 2 and 3, and a point gets CUDA_VISIBLE_DEVICES=2 or 3 (passing "0"
   on would hand it a GPU the caller had hidden).  On CPU each point gets cores / K threads
   (OMP_NUM_THREADS) unless the caller set one.
+  With --nproc-per-point N a point is a torchrun job of N data-parallel ranks (`trainlab run --nproc N`,
+  whose standalone rendezvous picks its own free port, so points running at once do not clash); with
+  --gpus it gets N distinct GPUs, least-busy first, and each rank cores / (K * N) threads.
 - ray (optional extra): each point is a Ray task holding its GPU request (--gpus-per-point) that
-  runs the same command; for grids larger than one machine.  The run directories must be on a
+  runs the same command; for grids larger than one machine.  With --nproc-per-point N a task asks
+  for N CPUs and, by default, N GPUs.  The run directories must be on a
   filesystem every node sees (the sweep reads them for the table and the report).
 
 A killed sweep leaves no orphans on Linux: every point asks the kernel for SIGTERM when its parent
@@ -21,7 +25,6 @@ points whose run directory says finished at the planned step and resumes the oth
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -30,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainlab.engine.distributed import die_with_parent
 from trainlab.engine.logs import METRICS_FILE, read_metrics
 from trainlab.engine.rundir import read_status
 from trainlab.errors import EXIT_SIGINT, EXIT_SIGTERM, UsageError
@@ -38,14 +42,11 @@ from trainlab.sweep.spec import Point, SweepSpec
 
 POLL_S = 1.0
 PLAIN_TABLE_EVERY_S = 60.0
-_PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: a killed sweep may leave its current points running to their end
+    # not Linux: nothing, and a killed sweep may leave its current points running to their end
+    die_with_parent(signal.SIGTERM)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class PointState:
     total_steps: int
     state: str = "pending"  # pending | skipped (finished before) | running | finished | stopped | failed
     exit_code: int | None = None
-    gpu: str | None = None
+    gpu: str | None = None  # CUDA_VISIBLE_DEVICES of the point: one GPU, or N joined by commas
     proc: subprocess.Popen | None = None
     started: float | None = None
     ended: float | None = None
@@ -91,6 +92,8 @@ def point_command(spec: SweepSpec, point: Point, run_dir: Path) -> list[str]:
         cmd += ["--set", item]
     if spec.steps is not None:
         cmd += ["--steps", str(spec.steps)]
+    if spec.nproc_per_point > 1:
+        cmd += ["--nproc", str(spec.nproc_per_point)]
     return cmd
 
 
@@ -100,7 +103,9 @@ def point_env(spec: SweepSpec, gpu: str | None) -> dict[str, str]:
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(spec.parallel, 1)))
+        # every rank of every running point is a process of its own competing for the same cores
+        processes = max(spec.parallel, 1) * max(spec.nproc_per_point, 1)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     return env
 
 
@@ -228,7 +233,7 @@ def run_local(spec: SweepSpec, states: list[PointState], table: Table, log_dir: 
                 return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
             while pending and len(running) < spec.parallel:
                 s = pending.pop(0)
-                s.gpu = _least_busy_gpu(spec.gpus, running)
+                s.gpu = least_busy_gpus(spec.gpus, running, spec.nproc_per_point)
                 cmd = point_command(spec, s.point, s.run_dir)
                 log = open(log_dir / f"{s.point.name}.log", "a", encoding="utf-8")
                 log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} "
@@ -250,15 +255,23 @@ def run_local(spec: SweepSpec, states: list[PointState], table: Table, log_dir: 
     return None
 
 
-def _least_busy_gpu(gpus: list[str], running: list[PointState]) -> str | None:
+def least_busy_gpus(gpus: list[str], running: list[PointState], count: int = 1) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a new point: the `count` distinct GPUs of `gpus` with the fewest running
+    points on them (a tie goes to the first listed), joined by commas; None without --gpus."""
     if not gpus:
         return None
-    load = {g: sum(1 for s in running if s.gpu == g) for g in gpus}
-    return min(gpus, key=lambda g: (load[g], gpus.index(g)))
+    load = {g: 0 for g in gpus}
+    for s in running:
+        for g in (s.gpu or "").split(","):
+            if g in load:
+                load[g] += 1
+    ranked = sorted(gpus, key=lambda g: (load[g], gpus.index(g)))
+    return ",".join(ranked[:count])
 
 
 def run_ray(spec: SweepSpec, states: list[PointState], table: Table, log_dir: Path,
             gpus_per_point: float, address: str | None) -> int | None:
+    """`gpus_per_point`: the GPUs each task requests (the command makes it N by default for N ranks)."""
     import ray  # its presence is checked by the command before anything is written
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +305,7 @@ def run_ray(spec: SweepSpec, states: list[PointState], table: Table, log_dir: Pa
                     return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
                 while pending and len(in_flight) < spec.parallel:
                     s = pending.pop(0)
-                    ref = run_point.options(num_gpus=gpus_per_point, num_cpus=1).remote(
+                    ref = run_point.options(num_gpus=gpus_per_point, num_cpus=spec.nproc_per_point).remote(
                         point_command(spec, s.point, s.run_dir), point_env(spec, None),
                         str(log_dir / f"{s.point.name}.log"))
                     in_flight[ref] = s

@@ -10,6 +10,7 @@ a sweep YAML:
     grid:
       model.hidden: [256, 512, 768, 1024]
     parallel: 4
+    nproc_per_point: 2         # optional: each point a torchrun job of 2 data-parallel ranks
 
 Every point's config is resolved before anything starts, so a bad grid key or value is refused
 (exit 2) with nothing written.  The sweep directory keeps sweep.json; a rerun with the same grid
@@ -29,7 +30,7 @@ import yaml
 from trainlab.errors import UsageError, brief
 
 MANIFEST = "sweep.json"
-SWEEP_KEYS = {"target", "preset", "set", "steps", "grid", "parallel", "device", "backend", "gpus"}
+SWEEP_KEYS = {"target", "preset", "set", "steps", "grid", "parallel", "nproc_per_point", "device", "backend", "gpus"}
 
 
 @dataclass
@@ -53,6 +54,7 @@ class SweepSpec:
     parallel: int = 1
     backend: str = "local"
     gpus: list[str] = field(default_factory=list)
+    nproc_per_point: int = 1  # ranks of each point's torchrun job (`trainlab run --nproc N`)
 
     def points(self) -> list[Point]:
         keys = [k for k, _ in self.grid]
@@ -67,7 +69,8 @@ class SweepSpec:
         return out
 
     def identity(self) -> dict:
-        """What makes two sweeps the same sweep (steps, parallel and backend may change on a rerun)."""
+        """What makes two sweeps the same sweep (steps, parallel, nproc_per_point and backend may change on a
+        rerun: they say how the points run, not what they compute)."""
         return {"target": self.target, "preset": self.preset, "sets": self.sets,
                 "grid": [[k, list(v)] for k, v in self.grid]}
 
@@ -139,7 +142,7 @@ def load_sweep_file(path: str) -> dict:
     if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
         raise UsageError(f"sweep file {path}: 'set' must be a mapping or a list of key=value strings")
     out = dict(data, grid=check_grid(parsed, f"sweep file {path}: grid"), set=sets)
-    for key, kind in (("steps", int), ("parallel", int)):
+    for key, kind in (("steps", int), ("parallel", int), ("nproc_per_point", int)):
         if key in out and (not isinstance(out[key], kind) or isinstance(out[key], bool) or out[key] < 1):
             raise UsageError(f"sweep file {path}: {key} must be a positive integer, got {out[key]!r}")
     for key, allowed in (("device", ("auto", "cpu", "cuda", "mps")), ("backend", ("local", "ray"))):
