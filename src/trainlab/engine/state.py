@@ -19,6 +19,9 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        # the generator of the device this process trains on: under torchrun rank r trains on GPU r, and
+        # its generator there went through the same draws as rank 0's on GPU 0, so rank 0's serves all
+        state["cuda_current"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -30,6 +33,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda_current" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current"].cpu())
 
 
 def seed_everything(seed: int) -> None:
