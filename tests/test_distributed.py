@@ -211,3 +211,15 @@ def test_nproc_refusals_are_one_line_before_anything_starts(tmp_path):
     inside = trainlab(*RUN, *TWO, "--run-dir", "x", cwd=tmp_path,
                       env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     assert inside.returncode == 2 and "already one of a torchrun job" in inside.stderr
+
+
+def test_a_loss_that_bypasses_the_models_forward_is_stopped_before_ranks_train_apart(tmp_path):
+    """StegaStamp's loss calls the model's encoder and decoder directly: DDP would not average its
+    gradients, so every rank would train its own model.  Stopped at the first step, in one line."""
+    done = trainlab("run", "stegastamp", "--preset", "smoke", "--device", "cpu", "--steps", "5", *TWO,
+                    "--run-dir", "s", cwd=tmp_path, own_process=True)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "calls the model's parts, not model(...) itself" in last and "one process only" in last
+    status = json.loads((tmp_path / "s" / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == 0

@@ -194,6 +194,7 @@ class Trainer:
         self._loop_start_step = 0
         self._timing_pending = True  # until the first steps' rate has been shown (early or at a log step)
         self.ending_agreed = False  # a stop every rank takes at the same step (not one rank's failure)
+        self._ddp_forwards = 0  # calls of the DDP wrapper's forward (see _data_parallel)
 
     # ------------------------------------------------------------------ setup
     def _setup(self, resources: contextlib.ExitStack) -> None:
@@ -251,11 +252,25 @@ class Trainer:
         backward of each step's last micro-batch.  Rank 0's weights reach every rank here."""
         from torch.nn.parallel import DistributedDataParallel
 
+        class WithModuleAttributes(DistributedDataParallel):
+            """DDP that answers for the module's own attributes too: a loss that reads `model.options`
+            or calls `model.radius(z)` beside `model(x)` works unchanged."""
+
+            def __getattr__(self, name):
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    return getattr(self.module, name)
+
         # a parameter that gets no gradient in a step (a part frozen mid-run, an extra update's own
         # parameters in the main loss's backward) would make DDP wait for it: look for such ones
         unused = self.exp.parameters_may_go_unused or bool(self.extra_updates)
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       find_unused_parameters=unused)
+        ddp = WithModuleAttributes(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
+        # DDP averages the gradients only of a backward whose forward went through it (model(x)); a loss
+        # that calls the model's parts directly would train every rank apart, silently: counted here
+        ddp.register_forward_pre_hook(lambda module, inputs: setattr(self, "_ddp_forwards", self._ddp_forwards + 1))
+        return ddp
 
     def _setup_extra_updates(self) -> None:
         """The experiment's ExtraUpdates (a GAN's critic, say): each one's optimizer over its own
@@ -616,10 +631,18 @@ class Trainer:
                 if final and world.size > 1 and accum * len(pieces) > 1 and self._agree_out_of_memory(False):
                     raise torch.OutOfMemoryError("out of memory on another rank")  # every rank splits
                 weight = share / accum  # a piece's loss is a mean over its samples: weight it by its size
+                forwards = self._ddp_forwards
                 try:
                     with contextlib.nullcontext() if final or self.ddp is None else self.ddp.no_sync():
                         with autocast_context(self.precision, self.device):
                             loss, metrics = loss_fn(self.step_model, piece, ctx)
+                        if final and self.ddp is not None and not self.cfg.train.compile \
+                                and self._ddp_forwards == forwards:
+                            self.ending_agreed = True  # the same loss on every rank: all stop here
+                            raise TrainingStopped(
+                                f"{self.exp.name}: its loss calls the model's parts, not model(...) itself, so "
+                                "DistributedDataParallel would not average its gradients across ranks; it runs "
+                                "in one process only (without --nproc / torchrun)")
                         scaler.scale(loss * weight).backward()
                 except torch.OutOfMemoryError:
                     if world.size == 1:
