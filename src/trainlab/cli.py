@@ -243,6 +243,11 @@ def _summary(row: dict, keys: tuple[str, ...]) -> str:
     return ", ".join(f"{k} {format_number(row[k])}" for k in keys if isinstance(row.get(k), (int, float)))
 
 
+def _already_finished(run_dir: Path, step: int, steps: int) -> str:
+    return (f"trainlab: {run_dir} already finished at step {step} (train.steps={steps}); pass --steps N with a "
+            "larger N to extend it, or --fresh to start over")
+
+
 def _run_as_job(args, experiment, cfg, device, run_dir: Path) -> int:
     """`trainlab run --nproc N`: every check here first (a refusal is one line, before any process
     starts), then the same command as a torchrun job of N processes."""
@@ -262,9 +267,7 @@ def _run_as_job(args, experiment, cfg, device, run_dir: Path) -> int:
     launch = Launch(experiment, cfg, run_dir, device, world_size=args.nproc)
     launch.prepare(args.fresh)  # --fresh moves the old run aside here, once
     if launch.already_done_at is not None:
-        print(f"trainlab: {run_dir} already finished at step {launch.already_done_at} "
-              f"(train.steps={cfg.train.steps}); pass --steps N with a larger N to extend it, "
-              "or --fresh to start over")
+        print(_already_finished(run_dir, launch.already_done_at, cfg.train.steps))
         return 0
     if launch.moved_to is not None:
         print(f"trainlab: {launch.notes[0]}", file=sys.stderr)
@@ -318,9 +321,7 @@ def _run_launch(launch, fresh: bool, experiment, run_dir: Path, world, say) -> i
     launch.prepare_on_every_rank(fresh)
     cfg = launch.cfg
     if launch.already_done_at is not None:
-        say(f"trainlab: {run_dir} already finished at step {launch.already_done_at} "
-            f"(train.steps={cfg.train.steps}); pass --steps N with a larger N to extend it, "
-            "or --fresh to start over", sys.stdout)
+        say(_already_finished(run_dir, launch.already_done_at, cfg.train.steps), sys.stdout)
         return 0
     for note in launch.notes:
         say(f"trainlab: {note}")

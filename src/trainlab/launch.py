@@ -162,8 +162,7 @@ class Launch:
         from trainlab.trackers import check_trackers
 
         check_trackers(cfg, run_dir)
-        self.user_callbacks = [load_callback(spec.path, spec.kwargs, f"callbacks[{i}]")
-                               for i, spec in enumerate(cfg.callbacks)]
+        self._load_user_callbacks()
         check_usable(run_dir)  # creatable too: tried, and what it made removed again
         # a model whose weights, gradients and optimizer state alone exceed the memory could only fail
         # after allocating; built on the meta device (milliseconds), before the run directory exists
@@ -176,7 +175,8 @@ class Launch:
             self.moved_to = move_aside(run_dir)
             self.notes.append(f"starting anew: the old contents of {run_dir} were moved to {self.moved_to}")
             return
-        self._check_world_size()
+        newest = CheckpointStore(run_dir / "checkpoints", cfg.ckpt.keep).complete_dirs()
+        self._check_world_size(newest)
         saved = _read_saved_config(run_dir)
         new = config_mod.to_dict(cfg)
         if saved is not None:
@@ -188,16 +188,19 @@ class Launch:
                                  "pass --fresh to start over (the old run is moved aside) or --run-dir for a new one")
             self.config_changes = {k: v for k, v in diff.items() if k != "preset"}
         status = read_status(run_dir)
-        newest = CheckpointStore(run_dir / "checkpoints", cfg.ckpt.keep).complete_dirs()
         newest_step = int(newest[-1].name[5:]) if newest else 0
         if status.get("state") == "finished" and newest_step >= cfg.train.steps:
             self.already_done_at = newest_step
 
-    def _check_world_size(self) -> None:
+    def _load_user_callbacks(self) -> None:
+        self.user_callbacks = [load_callback(spec.path, spec.kwargs, f"callbacks[{i}]")
+                               for i, spec in enumerate(self.cfg.callbacks)]
+
+    def _check_world_size(self, newest: list[Path]) -> None:
         """A resume under another number of processes changes which micro-batches each rank draws and
         the effective batch: refused, unless train.allow_world_size_change, which rescales train.accum
-        so that micro_batch x accum x processes stays what the newest checkpoint had."""
-        newest = CheckpointStore(self.run_dir / "checkpoints", self.cfg.ckpt.keep).complete_dirs()
+        so that micro_batch x accum x processes stays what the newest checkpoint had.  `newest`: the
+        run's complete checkpoint folders, oldest first."""
         if not newest:
             return
         try:
@@ -244,9 +247,7 @@ class Launch:
             raise UsageError(outcome[1])
         if not self.world.is_main:
             _, self.cfg, self.already_done_at, self.config_changes = outcome
-            # the user's callbacks that run on every rank (all_ranks) are needed here too
-            self.user_callbacks = [load_callback(spec.path, spec.kwargs, f"callbacks[{i}]")
-                                   for i, spec in enumerate(self.cfg.callbacks)]
+            self._load_user_callbacks()  # those that run on every rank (all_ranks) are needed here too
 
     def write_config(self) -> None:
         path = self.run_dir / CONFIG_FILE

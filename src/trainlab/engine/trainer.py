@@ -40,7 +40,7 @@ import torch
 from trainlab.config import RunConfig
 from trainlab.engine import schedules
 from trainlab.engine.callbacks import EVENTS, Callback, Evaluation, overrides
-from trainlab.engine.checkpoint import CheckpointStore
+from trainlab.engine.checkpoint import CheckpointStore, step_dir_name
 from trainlab.engine.curriculum import Curriculum
 from trainlab.engine.distributed import OUT_OF_MEMORY, ROLLBACK, SIGNAL, SINGLE, STOP, World
 from trainlab.engine.logs import (ARRAYS_FILE, METRICS_FILE, SAMPLES_FILE, EventLog, MetricsLog, NullLog, read_events,
@@ -514,8 +514,6 @@ class Trainer:
                 state["ranks"] = shares
             path = self.store.save(self.step, self.model, state, info, best=best)
         else:
-            from trainlab.engine.checkpoint import step_dir_name
-
             path = self.store.root / step_dir_name(self.step)
         self.events.write({"kind": "checkpoint", "step": self.step, "path": str(path), "reason": reason,
                            "best": best})
