@@ -295,9 +295,19 @@ def cmd_run(args) -> int:
         return _run_as_job(args, experiment, cfg, device, run_dir)
     world = World.from_environment(device.type)
     try:
-        return _run_here(args, experiment, cfg, world.device(device), run_dir, world)
-    finally:
+        code = _run_here(args, experiment, cfg, world.device(device), run_dir, world)
+    except BaseException:
         world.close()
+        raise
+    if world.distributed:
+        # every file is closed and the ranks have met at their last barrier: leave now.  Tearing the
+        # process groups down (or letting the interpreter do it) while the peer does the same now and
+        # then aborts in gloo's C++ destructors ("terminate called without an active exception",
+        # SIGABRT), which torchrun reports as a dead rank after a finished run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run_here(args, experiment, cfg, device, run_dir: Path, world) -> int:
